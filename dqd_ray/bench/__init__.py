@@ -1,0 +1,1 @@
+"""Benchmarks behind ``dqd-ray bench ...``: they print a table and write JSON."""
