@@ -33,6 +33,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
         envs.run(steps=args.steps, repeats=args.repeats, json_path=args.json)
         return 0
+    if args.bench == "sphere":
+        from dqd_ray.bench import sphere
+
+        sphere.run(dim=args.dim, iterations=args.iterations, function=args.function,
+                   seed=args.seed, json_path=args.json, compare_map_elites=args.map_elites,
+                   selection_rule=args.selection_rule, report_every=args.report_every)
+        return 0
     raise AssertionError(args.bench)
 
 
@@ -55,6 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
     b_envs.add_argument("--steps", type=int, default=5000)
     b_envs.add_argument("--repeats", type=int, default=3)
     b_envs.add_argument("--json", default=None, help="write results to this JSON file")
+    b_sph = bsub.add_parser("sphere", help="CMA-MEGA on the LP sphere with exact gradients")
+    b_sph.add_argument("--dim", type=int, default=1000)
+    b_sph.add_argument("--iterations", type=int, default=10000)
+    b_sph.add_argument("--function", choices=["sphere", "rastrigin"], default="sphere")
+    b_sph.add_argument("--seed", type=int, default=0)
+    b_sph.add_argument("--selection-rule", choices=["mu", "filter"], default="mu")
+    b_sph.add_argument("--map-elites", action="store_true", help="also run MAP-Elites")
+    b_sph.add_argument("--report-every", type=int, default=1000)
+    b_sph.add_argument("--json", default=None)
     bench.set_defaults(func=_cmd_bench)
     return parser
 

@@ -1,0 +1,307 @@
+"""One typed, validated configuration for every run, local or on a cluster.
+
+A config is built from layers: defaults <- preset <- YAML file <- ``--set``
+overrides, then validated once. Unknown keys and impossible values fail here,
+naming the field, before any work starts.
+
+Defaults follow the CMA-MEGA (TD3, ES) paper where a laptop can afford them;
+the paper's value is given in each field's description where it differs.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class EnvConfig(_Strict):
+    id: str = Field("QDAntBulletEnv-v0", description="Gymnasium id of a QD environment.")
+    episode_length: int = Field(1000, gt=0, description="Steps before truncation.")
+    archive_dims: list[int] | None = Field(
+        None, description="Cells per measure; default from the env's metadata."
+    )
+    archive_ranges: list[tuple[float, float]] | None = Field(
+        None, description="(low, high) per measure; default from the env's metadata."
+    )
+
+    @field_validator("id")
+    @classmethod
+    def _known_env(cls, v: str) -> str:
+        from dqd_ray.envs import ENV_IDS
+
+        if v not in ENV_IDS:
+            raise ValueError(f"unknown env id {v!r}; choose one of {list(ENV_IDS)}")
+        return v
+
+    @field_validator("archive_dims")
+    @classmethod
+    def _dims(cls, v):
+        if v is not None and (len(v) == 0 or any(d < 1 for d in v)):
+            raise ValueError(f"archive_dims must be a non-empty list of positive ints, got {v}")
+        return v
+
+    @field_validator("archive_ranges")
+    @classmethod
+    def _ranges(cls, v):
+        if v is not None and any(lo >= hi for lo, hi in v):
+            raise ValueError(f"every archive range needs low < high, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _fill_from_metadata(self):
+        from dqd_ray.envs import env_metadata
+
+        meta = env_metadata(self.id)
+        for name in ("archive_dims", "archive_ranges"):
+            v = getattr(self, name)
+            if v is not None and len(v) != meta.measure_dim:
+                raise ValueError(
+                    f"{name} has {len(v)} entries but {self.id} has {meta.measure_dim} measures"
+                )
+        return self
+
+    def resolved_dims(self) -> list[int]:
+        from dqd_ray.envs import env_metadata
+
+        return list(self.archive_dims or env_metadata(self.id).archive_dims)
+
+    def resolved_ranges(self) -> list[tuple[float, float]]:
+        from dqd_ray.envs import env_metadata
+
+        m = env_metadata(self.id).measure_dim
+        return list(self.archive_ranges or [(0.0, 1.0)] * m)
+
+
+class PolicyConfig(_Strict):
+    hidden_sizes: list[int] = Field([128, 128], description="Hidden layer widths of the MLP.")
+    activation: Literal["tanh", "relu"] = Field("tanh", description="Hidden activation.")
+
+    @field_validator("hidden_sizes")
+    @classmethod
+    def _positive(cls, v):
+        if any(h < 1 for h in v):
+            raise ValueError(f"hidden_sizes must be positive, got {v}")
+        return v
+
+
+class AlgorithmConfig(_Strict):
+    name: Literal["cma_mega", "cma_maega"] = Field(
+        "cma_mega", description="CMA-MEGA, or CMA-MAEGA (archive with a learning rate)."
+    )
+    gradients: Literal["td3", "td3_es", "es"] = Field(
+        "td3", description="Where gradients come from: TD3 critics for all objectives, "
+        "TD3 for fitness and ES for measures, or ES for all."
+    )
+    num_emitters: int = Field(1, gt=0, description="GradientArborescenceEmitters (paper: 5).")
+    batch_size: int = Field(
+        16, ge=2, description="Branches per emitter per iteration, theta excluded (paper: 100)."
+    )
+    sigma0: float = Field(1.0, gt=0, description="Initial CMA-ES step size of the coefficients.")
+    lr: float = Field(1.0, gt=0, description="Step size of the gradient-ascent optimizer on theta.")
+    selection_rule: Literal["mu", "filter"] = Field("mu", description="Parent selection.")
+    restart_rule: Literal["no_improvement", "basic"] = Field("no_improvement")
+    normalize_grad: bool = Field(True, description="Normalize each gradient row.")
+    archive_learning_rate: float = Field(
+        0.01, gt=0, le=1, description="CMA-MAEGA archive learning rate (cma_maega only)."
+    )
+    threshold_min: float | None = Field(
+        None, description="CMA-MAEGA minimum threshold; default: the env's QD-score offset."
+    )
+    insert_greedy: bool = Field(True, description="Evaluate and insert the greedy TD3 actor.")
+    x0_from_policy_init: bool = Field(
+        True, description="Start theta at a Xavier-initialized policy (else zeros)."
+    )
+
+
+class TD3Config(_Strict):
+    critic_hidden_sizes: list[int] = Field([256, 256], description="Critic MLP widths (ReLU).")
+    batch_size: int = Field(256, gt=0, description="Transitions per update.")
+    gamma: float = Field(0.99, gt=0, le=1)
+    tau: float = Field(0.005, gt=0, le=1, description="Target soft-update rate.")
+    policy_delay: int = Field(2, gt=0, description="Critic updates per actor update.")
+    target_noise: float = Field(0.2, ge=0, description="Target policy smoothing noise.")
+    noise_clip: float = Field(0.5, ge=0, description="Clip of the smoothing noise.")
+    lr: float = Field(3e-4, gt=0, description="Adam learning rate of actors and critics.")
+    train_steps_per_iteration: int = Field(
+        50, ge=0, description="Critic updates per iteration in sync mode (paper: 600)."
+    )
+    jacobian_states: int = Field(
+        256, gt=0, description="Buffer states averaged over for each gradient."
+    )
+    replay_capacity: int = Field(1_000_000, gt=0, description="Replay buffer transitions.")
+    learning_starts: int = Field(
+        256, ge=0, description="Transitions in the buffer before critics train."
+    )
+
+
+class ESConfig(_Strict):
+    sigma: float = Field(0.02, gt=0, description="Std of the Gaussian perturbations.")
+    num_samples: int = Field(100, ge=2, description="Evaluations per estimate (mirrored, even).")
+
+    @field_validator("num_samples")
+    @classmethod
+    def _even(cls, v):
+        if v % 2:
+            raise ValueError(f"num_samples must be even (mirrored sampling), got {v}")
+        return v
+
+
+class ResourcesConfig(_Strict):
+    num_rollout_workers: int | None = Field(
+        None, description="Rollout actors; default: CPUs Ray sees minus learner/coordinator."
+    )
+    envs_per_worker: int = Field(4, gt=0, description="Environments stepped in lockstep.")
+    num_learners: int = Field(1, gt=0, description="Learner actors sharing the critics.")
+    num_gpus_per_learner: float = Field(0.0, ge=0, description="0 means CPU learners.")
+    strict_gpu: bool = Field(False, description="Fail instead of falling back to CPU.")
+    learner_mode: Literal["sync", "async"] = Field(
+        "async", description="sync: fixed updates per iteration (reproducible)."
+    )
+    chunk_size: int = Field(1000, gt=0, description="Transitions per replay add.")
+
+
+class LoggingConfig(_Strict):
+    wandb: bool = Field(False, description="Log to wandb (offline without an API key).")
+    wandb_project: str = Field("dqd-ray")
+    wandb_group: str | None = None
+    heatmap_every: int = Field(25, gt=0, description="Iterations between archive heatmaps.")
+    progress_bar: bool = True
+
+
+class CheckpointConfig(_Strict):
+    every: int = Field(10, gt=0, description="Iterations between checkpoints.")
+    keep: int = Field(3, gt=0, description="Checkpoints kept.")
+    save_replay: bool = Field(True, description="Store replay buffer contents.")
+
+
+class ExperimentConfig(_Strict):
+    """A whole experiment. See each section for its fields."""
+
+    preset: str | None = Field(None, description="Preset this config started from.")
+    seed: int = Field(0, ge=0, description="Root seed; all randomness flows from it.")
+    iterations: int = Field(100, gt=0, description="Iteration budget.")
+    evaluations: int | None = Field(None, gt=0, description="Optional evaluation budget.")
+    env: EnvConfig = Field(default_factory=EnvConfig)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    td3: TD3Config = Field(default_factory=TD3Config)
+    es: ESConfig = Field(default_factory=ESConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+
+    @property
+    def uses_td3(self) -> bool:
+        return self.algorithm.gradients in ("td3", "td3_es")
+
+    @property
+    def uses_es(self) -> bool:
+        return self.algorithm.gradients in ("td3_es", "es")
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "cma_mega_td3": {"algorithm": {"name": "cma_mega", "gradients": "td3"}},
+    "cma_mega_td3_es": {"algorithm": {"name": "cma_mega", "gradients": "td3_es"}},
+    "cma_mega_es": {"algorithm": {"name": "cma_mega", "gradients": "es", "insert_greedy": False}},
+    "cma_maega_td3": {"algorithm": {"name": "cma_maega", "gradients": "td3"}},
+}
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the field it concerns in the message."""
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def parse_set(item: str) -> dict:
+    """Turns ``"td3.batch_size=128"`` into ``{"td3": {"batch_size": 128}}``."""
+    if "=" not in item:
+        raise ConfigError(f"--set expects key=value (e.g. td3.batch_size=128), got {item!r}")
+    key, raw = item.split("=", 1)
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"--set has an empty key in {item!r}")
+    value = yaml.safe_load(raw) if raw != "" else None
+    out: dict = {}
+    node = out
+    parts = key.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    return out
+
+
+def _format_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see the config reference in the README)"
+        lines.append(f"  {loc}: {msg}")
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def build_config(
+    preset: str | None = None,
+    file: str | Path | None = None,
+    sets: list[str] | None = None,
+    overrides: dict | None = None,
+) -> ExperimentConfig:
+    """Builds and validates a config from its layers.
+
+    Args:
+        preset: One of :data:`PRESETS`.
+        file: A YAML file with any subset of the fields.
+        sets: ``key=value`` overrides with dotted keys.
+        overrides: A dict merged last.
+
+    Raises:
+        ConfigError: Naming the field that is wrong.
+    """
+    data: dict[str, Any] = {}
+    if file is not None:
+        path = Path(file)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        data = _merge(data, loaded)
+    for item in sets or []:
+        data = _merge(data, parse_set(item))
+    if overrides:
+        data = _merge(data, overrides)
+    preset = preset or data.get("preset")
+    base: dict[str, Any] = {}
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+        base = _merge(PRESETS[preset], {"preset": preset})
+    try:
+        return ExperimentConfig.model_validate(_merge(base, data))
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+
+
+def to_yaml(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def load_yaml(path: str | Path) -> ExperimentConfig:
+    return build_config(file=path)

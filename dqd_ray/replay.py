@@ -1,0 +1,136 @@
+"""Replay buffer: preallocated ring arrays with a fixed capacity.
+
+A transition is (obs, action, reward vector [fitness, measure 1..k], next obs,
+terminated). ``add`` copies what it is given, so the buffer never keeps a
+reference to a caller's (or Ray object store's) array.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+FIELDS = ("obs", "action", "reward", "next_obs", "terminated")
+
+
+class ReplayBuffer:
+    """Ring buffer of transitions.
+
+    Args:
+        obs_dim: Observation size.
+        act_dim: Action size.
+        reward_dim: 1 + number of measures.
+        capacity: Maximum transitions kept; the oldest are overwritten.
+        seed: Seed of the sampling RNG.
+    """
+
+    def __init__(self, obs_dim: int, act_dim: int, reward_dim: int,
+                 capacity: int = 1_000_000, seed: int | None = None):
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self.obs_dim, self.act_dim, self.reward_dim = obs_dim, act_dim, reward_dim
+        self.capacity = int(capacity)
+        self._shapes = {
+            "obs": (obs_dim,), "action": (act_dim,), "reward": (reward_dim,),
+            "next_obs": (obs_dim,), "terminated": (),
+        }
+        self._data = {k: np.zeros((self.capacity, *s), np.float32) for k, s in self._shapes.items()}
+        self._pos = 0
+        self._size = 0
+        self.total_added = 0
+        self._rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return self._size
+
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def memory_bytes(self) -> int:
+        return int(sum(a.nbytes for a in self._data.values()))
+
+    def _validate(self, chunk: dict) -> int:
+        if not isinstance(chunk, dict):
+            raise TypeError(f"a chunk must be a dict with keys {FIELDS}, got {type(chunk).__name__}")
+        missing = [k for k in FIELDS if k not in chunk]
+        extra = [k for k in chunk if k not in FIELDS]
+        if missing or extra:
+            raise ValueError(f"chunk keys: missing {missing}, unexpected {extra}; need {FIELDS}")
+        n = None
+        for k in FIELDS:
+            a = np.asarray(chunk[k])
+            if a.dtype.kind not in "fb" or (a.dtype.kind == "b" and k != "terminated"):
+                raise ValueError(f"chunk[{k!r}] has dtype {a.dtype}; expected a float array")
+            if a.ndim == 0 or a.shape[1:] != self._shapes[k]:
+                raise ValueError(
+                    f"chunk[{k!r}] has shape {a.shape}; expected (n, *{self._shapes[k]})"
+                )
+            if n is None:
+                n = a.shape[0]
+            elif a.shape[0] != n:
+                raise ValueError(f"chunk[{k!r}] has {a.shape[0]} rows, other fields have {n}")
+        return int(n)
+
+    def add(self, chunk: dict) -> int:
+        """Copies a chunk of transitions in; returns how many were added.
+
+        Raises:
+            ValueError: On missing keys, wrong shapes or dtypes (nothing is added).
+        """
+        n = self._validate(chunk)
+        if n == 0:
+            return 0
+        start = 0
+        if n > self.capacity:  # only the newest `capacity` survive anyway
+            start = n - self.capacity
+        idx = (self._pos + np.arange(n - start)) % self.capacity
+        for k in FIELDS:
+            self._data[k][idx] = np.asarray(chunk[k])[start:]
+        self._pos = int((self._pos + n - start) % self.capacity)
+        self._size = min(self.capacity, self._size + n - start)
+        self.total_added += n
+        return n
+
+    def sample(self, batch_size: int, num_batches: int = 1) -> dict[str, np.ndarray]:
+        """Uniform samples: arrays of shape ``(num_batches, batch_size, ...)``.
+
+        Raises:
+            ValueError: If the buffer is empty.
+        """
+        if self._size == 0:
+            raise ValueError("cannot sample from an empty replay buffer")
+        idx = self._rng.integers(0, self._size, size=(num_batches, batch_size))
+        return {k: v[idx] for k, v in self._data.items()}
+
+    def sample_states(self, n: int) -> np.ndarray:
+        if self._size == 0:
+            raise ValueError("cannot sample from an empty replay buffer")
+        return self._data["obs"][self._rng.integers(0, self._size, size=n)]
+
+    def stats(self) -> dict:
+        return {"size": self._size, "capacity": self.capacity, "total_added": self.total_added,
+                "memory_bytes": self.memory_bytes}
+
+    def state_dict(self, include_data: bool = True) -> dict:
+        state = {"pos": self._pos, "size": self._size, "total_added": self.total_added,
+                 "rng": self._rng.bit_generator.state, "capacity": self.capacity,
+                 "shapes": (self.obs_dim, self.act_dim, self.reward_dim)}
+        if include_data:
+            state["data"] = {k: v[: self._size].copy() for k, v in self._data.items()}
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        if tuple(state["shapes"]) != (self.obs_dim, self.act_dim, self.reward_dim):
+            raise ValueError(f"replay state has shapes {state['shapes']}, buffer has "
+                             f"{(self.obs_dim, self.act_dim, self.reward_dim)}")
+        self._rng.bit_generator.state = state["rng"]
+        if "data" not in state:
+            return
+        size = int(state["size"])
+        if size > self.capacity:
+            raise ValueError(f"replay state holds {size} transitions, capacity is {self.capacity}")
+        for k in FIELDS:
+            self._data[k][:size] = state["data"][k]
+        self._size = size
+        self._pos = int(state["pos"]) % self.capacity
+        self.total_added = int(state["total_added"])

@@ -1,0 +1,169 @@
+"""RolloutWorker: evaluates policy genomes on several environments in lockstep.
+
+Each genome gets one episode. The worker keeps ``num_envs`` environments busy:
+when an episode ends the env takes the next genome in the queue, and every step
+runs one batched forward over all active (env, genome) pairs. Transitions go to
+a sink in chunks (the replay buffer, or Ray's replay actor) and never through
+the caller. A non-finite action or observation stops that genome's episode and
+flags it invalid; its transitions after the fault are not recorded.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from dqd_ray.envs import env_metadata, make_env
+from dqd_ray.policy import PolicySpec
+
+Sink = Callable[[dict], None]
+
+
+class _ChunkBuilder:
+    def __init__(self, obs_dim: int, act_dim: int, reward_dim: int, size: int, sink: Sink):
+        self.size, self.sink = size, sink
+        self._bufs = {
+            "obs": np.empty((size, obs_dim), np.float32),
+            "action": np.empty((size, act_dim), np.float32),
+            "reward": np.empty((size, reward_dim), np.float32),
+            "next_obs": np.empty((size, obs_dim), np.float32),
+            "terminated": np.empty((size,), np.float32),
+        }
+        self.n = 0
+
+    def add(self, obs, action, reward, next_obs, terminated):
+        i = self.n
+        b = self._bufs
+        b["obs"][i], b["action"][i], b["reward"][i] = obs, action, reward
+        b["next_obs"][i], b["terminated"][i] = next_obs, terminated
+        self.n += 1
+        if self.n == self.size:
+            self.flush()
+
+    def flush(self):
+        if self.n:
+            self.sink({k: v[: self.n].copy() for k, v in self._bufs.items()})
+            self.n = 0
+
+
+class RolloutWorker:
+    """Owns ``num_envs`` environments of one id and evaluates genomes.
+
+    Args:
+        env_id: QD environment id.
+        policy_spec: Shape of the policies (or hidden sizes via ``hidden_sizes``).
+        num_envs: Environments stepped in lockstep.
+        episode_length: Truncation limit.
+        chunk_size: Transitions per chunk handed to the sink.
+        sink: Called with each chunk; chunks are returned by ``evaluate`` if None.
+        hidden_sizes: Used when ``policy_spec`` is None.
+        activation: Used when ``policy_spec`` is None.
+    """
+
+    def __init__(self, env_id: str, policy_spec: PolicySpec | None = None, *, num_envs: int = 1,
+                 episode_length: int = 1000, chunk_size: int = 1000, sink: Sink | None = None,
+                 hidden_sizes=(128, 128), activation: str = "tanh"):
+        if num_envs < 1:
+            raise ValueError(f"num_envs must be >= 1, got {num_envs}")
+        meta = env_metadata(env_id)
+        self.env_id = env_id
+        self.spec = policy_spec or PolicySpec(meta.obs_dim, meta.act_dim, hidden_sizes, activation)
+        self.envs = [make_env(env_id, max_episode_steps=episode_length) for _ in range(num_envs)]
+        self.measure_dim = meta.measure_dim
+        self.chunk_size = chunk_size
+        self._sink = sink
+        self.total_env_steps = 0
+
+    def set_sink(self, sink: Sink | None) -> None:
+        self._sink = sink
+
+    def evaluate(self, genomes: np.ndarray, seeds: np.ndarray | list[int],
+                 record: bool = True) -> dict:
+        """Runs one episode per genome.
+
+        Args:
+            genomes: ``(G, genome_dim)``.
+            seeds: One env seed per genome.
+            record: Whether to emit transitions.
+
+        Returns:
+            dict with ``fitness (G,)``, ``measures (G, k)``, ``length (G,)``,
+            ``valid (G,)`` (bool), ``env_steps``, and ``transitions`` (a list of
+            chunks; empty when a sink took them).
+        """
+        genomes = np.asarray(self.spec.check(genomes), np.float32)
+        if genomes.ndim != 2:
+            raise ValueError(f"genomes must be 2-D (G, D), got shape {genomes.shape}")
+        seeds = np.asarray(seeds)
+        if seeds.shape != (len(genomes),):
+            raise ValueError(f"need one seed per genome: {len(genomes)} genomes, seeds {seeds.shape}")
+        g_count = len(genomes)
+        fitness = np.zeros(g_count)
+        measures = np.zeros((g_count, self.measure_dim))
+        length = np.zeros(g_count, np.int64)
+        valid = np.ones(g_count, bool)
+        returned: list[dict] = []
+        sink = self._sink if self._sink is not None else returned.append
+        chunks = None
+        if record:
+            e = self.envs[0]
+            chunks = _ChunkBuilder(e.observation_space.shape[0], e.action_space.shape[0],
+                                   1 + self.measure_dim, self.chunk_size, sink)
+
+        queue = list(range(g_count))
+        slots: list[int | None] = [None] * len(self.envs)
+        obs = [None] * len(self.envs)
+        steps = 0
+
+        def start(slot: int) -> None:
+            if queue:
+                gi = queue.pop(0)
+                slots[slot] = gi
+                obs[slot], _ = self.envs[slot].reset(seed=int(seeds[gi]))
+            else:
+                slots[slot] = None
+
+        for s in range(len(self.envs)):
+            start(s)
+        while any(gi is not None for gi in slots):
+            active = [s for s, gi in enumerate(slots) if gi is not None]
+            idx = [slots[s] for s in active]
+            batch_obs = np.stack([obs[s] for s in active])
+            actions = self.spec.forward_many_np(genomes[idx], batch_obs)
+            finite = np.isfinite(actions).all(axis=1) & np.isfinite(batch_obs).all(axis=1)
+            for row, s in enumerate(active):
+                gi = slots[s]
+                if not finite[row]:
+                    valid[gi] = False
+                    length[gi] = self.envs[s]._t
+                    start(s)
+                    continue
+                env = self.envs[s]
+                nxt, rew, term, trunc, info = env.step(actions[row])
+                steps += 1
+                if not (np.isfinite(nxt).all() and np.isfinite(rew)):
+                    valid[gi] = False
+                    length[gi] = env._t
+                    start(s)
+                    continue
+                if chunks is not None:
+                    chunks.add(obs[s], actions[row], (rew, *info["measures_step"]), nxt,
+                               float(term))
+                obs[s] = nxt
+                if term or trunc:
+                    fitness[gi] = env.episode_return
+                    measures[gi] = info["measures"]
+                    length[gi] = env._t
+                    start(s)
+        if chunks is not None:
+            chunks.flush()
+        self.total_env_steps += steps
+        fitness[~valid] = np.nan
+        measures[~valid] = np.nan
+        return {"fitness": fitness, "measures": measures, "length": length, "valid": valid,
+                "env_steps": steps, "transitions": returned}
+
+    def close(self) -> None:
+        for e in self.envs:
+            e.close()

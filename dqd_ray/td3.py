@@ -1,0 +1,237 @@
+"""An ensemble of k+1 TD3 agents (fitness, measure 1..k) trained as one.
+
+Every agent is an actor with twin critics and target copies. All agents'
+weights are stacked along a leading model axis and evaluated with batched
+matmuls, so one optimizer step updates every agent; agent j learns from the
+j-th reward column of the shared batches. Agents never share parameters, and
+Adam acts elementwise, so the ensemble is exactly k+1 independent TD3 agents.
+
+``jacobian`` returns d/dtheta mean_s Q_j(s, pi_theta(s)) for every objective j
+and every genome theta, uphill, in one batched backward pass.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import torch
+
+from dqd_ray.policy import PolicySpec
+
+
+class StackedMLP(torch.nn.Module):
+    """``n`` independent MLPs evaluated together: input ``(n, B, in)``.
+
+    Weights are stored as ``(n, in, out)``; ``init`` is ``"torch"`` (PyTorch's
+    Linear default) or ``"xavier"`` (Xavier uniform, zero bias).
+    """
+
+    def __init__(self, n: int, sizes: list[int], hidden: str, out: str | None,
+                 init: str, generator: torch.Generator):
+        super().__init__()
+        self.n, self.sizes, self.hidden, self.out = n, list(sizes), hidden, out
+        self.weights = torch.nn.ParameterList()
+        self.biases = torch.nn.ParameterList()
+        for fi, fo in zip(sizes[:-1], sizes[1:]):
+            if init == "xavier":
+                bound = math.sqrt(6.0 / (fi + fo))
+                w = (torch.rand(n, fi, fo, generator=generator) * 2 - 1) * bound
+                b = torch.zeros(n, 1, fo)
+            else:
+                bound = 1.0 / math.sqrt(fi)
+                w = (torch.rand(n, fi, fo, generator=generator) * 2 - 1) * bound
+                b = (torch.rand(n, 1, fo, generator=generator) * 2 - 1) * bound
+            self.weights.append(torch.nn.Parameter(w))
+            self.biases.append(torch.nn.Parameter(b))
+
+    @staticmethod
+    def _act(x, name):
+        if name == "relu":
+            return torch.relu(x)
+        if name == "tanh":
+            return torch.tanh(x)
+        return x
+
+    def forward(self, x: torch.Tensor, select: slice | None = None) -> torch.Tensor:
+        last = len(self.weights) - 1
+        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+            if select is not None:
+                w, b = w[select], b[select]
+            x = torch.baddbmm(b, x, w)
+            x = self._act(x, self.out if i == last else self.hidden)
+        return x
+
+
+class TD3Ensemble:
+    """k+1 TD3 agents, one per objective.
+
+    Args:
+        policy_spec: Actor architecture (the fitness actor is a policy genome).
+        num_objectives: 1 + number of measures.
+        cfg: A :class:`dqd_ray.config.TD3Config`.
+        device: ``"cpu"`` or ``"cuda"``.
+        seed: Seed for initialization and noise.
+        objectives: Which objectives (indices into the reward vector) these
+            agents learn; default all. A learner owning a subset passes its own.
+    """
+
+    def __init__(self, policy_spec: PolicySpec, num_objectives: int, cfg, *,
+                 device: str = "cpu", seed: int = 0, objectives: list[int] | None = None):
+        self.spec, self.cfg = policy_spec, cfg
+        self.device = torch.device(device)
+        self.objectives = list(range(num_objectives)) if objectives is None else list(objectives)
+        e = len(self.objectives)
+        self.num_agents = e
+        gen = torch.Generator().manual_seed(int(seed))
+        obs_dim, act_dim = policy_spec.obs_dim, policy_spec.act_dim
+        hidden_act = policy_spec.activation
+        self.actor = StackedMLP(e, policy_spec.sizes, hidden_act, "tanh", "xavier", gen)
+        critic_sizes = [obs_dim + act_dim, *cfg.critic_hidden_sizes, 1]
+        # Critic model 2j is agent j's Q1, model 2j+1 its Q2.
+        self.critic = StackedMLP(2 * e, critic_sizes, "relu", None, "torch", gen)
+        self.actor.to(self.device)
+        self.critic.to(self.device)
+        self.actor_target = copy.deepcopy(self.actor)
+        self.critic_target = copy.deepcopy(self.critic)
+        for p in (*self.actor_target.parameters(), *self.critic_target.parameters()):
+            p.requires_grad_(False)
+        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=cfg.lr)
+        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=cfg.lr)
+        self.noise_gen = torch.Generator(device=self.device).manual_seed(int(seed) + 1)
+        self.updates = 0
+
+    # -- training ----------------------------------------------------------
+
+    def _to(self, a) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(a), dtype=torch.float32, device=self.device)
+
+    def _q(self, net: StackedMLP, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        """obs/act ``(E, B, .)`` -> Q ``(E, 2, B)`` (both twins)."""
+        e, b = obs.shape[0], obs.shape[1]
+        x = torch.cat([obs, act], dim=-1)  # (E, B, in)
+        x = x.unsqueeze(1).expand(e, 2, b, x.shape[-1]).reshape(2 * e, b, x.shape[-1])
+        return net(x).reshape(e, 2, b)
+
+    def train_step(self, batch: dict) -> dict:
+        """One TD3 update of every agent on one batch (arrays ``(B, ...)``)."""
+        cfg = self.cfg
+        e = self.num_agents
+        obs = self._to(batch["obs"]).unsqueeze(0).expand(e, -1, -1)
+        act = self._to(batch["action"]).unsqueeze(0).expand(e, -1, -1)
+        nxt = self._to(batch["next_obs"]).unsqueeze(0).expand(e, -1, -1)
+        rew = self._to(batch["reward"])[:, self.objectives].T  # (E, B)
+        not_done = 1.0 - self._to(batch["terminated"]).unsqueeze(0)  # (1, B)
+        with torch.no_grad():
+            next_act = self.actor_target(nxt)
+            if cfg.target_noise > 0:
+                noise = torch.randn(next_act.shape, generator=self.noise_gen, device=self.device)
+                noise = (noise * cfg.target_noise).clamp(-cfg.noise_clip, cfg.noise_clip)
+                next_act = (next_act + noise).clamp(-1.0, 1.0)
+            q_next = self._q(self.critic_target, nxt, next_act).min(dim=1).values  # (E, B)
+            target = rew + cfg.gamma * not_done * q_next
+        q = self._q(self.critic, obs, act)  # (E, 2, B)
+        per_agent = ((q - target.unsqueeze(1)) ** 2).mean(dim=2).sum(dim=1)  # (E,)
+        self.critic_opt.zero_grad(set_to_none=True)
+        per_agent.sum().backward()
+        self.critic_opt.step()
+        self.updates += 1
+        out = {"critic_loss": per_agent.detach().cpu().numpy()}
+        if self.updates % cfg.policy_delay == 0:
+            pi = self.actor(obs)
+            x = torch.cat([obs, pi], dim=-1)
+            q1 = self.critic(x, select=slice(0, 2 * e, 2)).squeeze(-1)  # (E, B)
+            actor_agent = -q1.mean(dim=1)
+            self.actor_opt.zero_grad(set_to_none=True)
+            actor_agent.sum().backward()
+            self.actor_opt.step()
+            self._soft_update()
+            out["actor_loss"] = actor_agent.detach().cpu().numpy()
+        return out
+
+    @torch.no_grad()
+    def _soft_update(self) -> None:
+        tau = self.cfg.tau
+        for net, tgt in ((self.actor, self.actor_target), (self.critic, self.critic_target)):
+            for p, tp in zip(net.parameters(), tgt.parameters()):
+                tp.lerp_(p, tau)
+
+    def train(self, batches: dict) -> dict:
+        """One update per batch; ``batches`` arrays are ``(num_batches, B, ...)``.
+
+        Returns mean losses per agent (``critic_loss``, ``actor_loss``) and the
+        number of updates done.
+        """
+        n = len(batches["obs"])
+        critic, actor = [], []
+        for i in range(n):
+            out = self.train_step({k: v[i] for k, v in batches.items()})
+            critic.append(out["critic_loss"])
+            if "actor_loss" in out:
+                actor.append(out["actor_loss"])
+        return {
+            "critic_loss": np.mean(critic, axis=0) if critic else np.full(self.num_agents, np.nan),
+            "actor_loss": np.mean(actor, axis=0) if actor else np.full(self.num_agents, np.nan),
+            "updates": n,
+        }
+
+    # -- gradients ---------------------------------------------------------
+
+    def jacobian(self, genomes: np.ndarray, states: np.ndarray) -> np.ndarray:
+        """Gradients of mean_s Q_j(s, pi_theta(s)) w.r.t. each genome theta.
+
+        Args:
+            genomes: ``(G, D)`` policy genomes.
+            states: ``(S, obs)`` states (e.g. sampled from the replay buffer).
+
+        Returns:
+            ``(G, E, D)`` float64, row j the uphill gradient of agent j's Q1.
+        """
+        genomes = self.spec.check(genomes)
+        g_count, e = genomes.shape[0], self.num_agents
+        theta = self._to(genomes).requires_grad_(True)
+        s = self._to(states)
+        act = self.spec.forward_torch(theta, s)  # (G, S, A)
+        n_s = s.shape[0]
+        obs_e = s.unsqueeze(0).unsqueeze(0).expand(e, g_count, n_s, s.shape[-1])
+        act_e = act.unsqueeze(0).expand(e, g_count, n_s, act.shape[-1])
+        x = torch.cat([obs_e, act_e], dim=-1).reshape(e, g_count * n_s, -1)
+        q1 = self.critic(x, select=slice(0, 2 * e, 2)).reshape(e, g_count, n_s)
+        per_obj = q1.mean(dim=2).sum(dim=1)  # (E,): genomes are independent
+        eye = torch.eye(e, device=self.device)
+        (grads,) = torch.autograd.grad(per_obj, theta, grad_outputs=eye, is_grads_batched=True)
+        return grads.permute(1, 0, 2).detach().cpu().double().numpy()
+
+    def greedy_genome(self, agent: int = 0) -> np.ndarray:
+        """The actor of ``agent`` (0 = fitness) as a flat policy genome."""
+        layers = []
+        for w, b in zip(self.actor.weights, self.actor.biases):
+            layers.append((w[agent].detach().cpu().numpy().T, b[agent, 0].detach().cpu().numpy()))
+        return self.spec.flatten(layers)
+
+    # -- state ---------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {
+            "actor": self.actor.state_dict(), "critic": self.critic.state_dict(),
+            "actor_target": self.actor_target.state_dict(),
+            "critic_target": self.critic_target.state_dict(),
+            "actor_opt": self.actor_opt.state_dict(), "critic_opt": self.critic_opt.state_dict(),
+            "noise_gen": self.noise_gen.get_state(), "updates": self.updates,
+            "objectives": list(self.objectives),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if list(state["objectives"]) != self.objectives:
+            raise ValueError(f"state is for objectives {state['objectives']}, "
+                             f"this ensemble has {self.objectives}")
+        self.actor.load_state_dict(state["actor"])
+        self.critic.load_state_dict(state["critic"])
+        self.actor_target.load_state_dict(state["actor_target"])
+        self.critic_target.load_state_dict(state["critic_target"])
+        self.actor_opt.load_state_dict(state["actor_opt"])
+        self.critic_opt.load_state_dict(state["critic_opt"])
+        self.noise_gen.set_state(state["noise_gen"].cpu() if hasattr(state["noise_gen"], "cpu")
+                                 else state["noise_gen"])
+        self.updates = int(state["updates"])
