@@ -27,6 +27,38 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_result(summary: dict) -> None:
+    final = summary.get("final") or {}
+    print(f"run directory: {summary['run_dir']}")
+    if "qd_score" in final:
+        print(f"iterations {final['iteration']}  evaluations {final['evaluations']}  "
+              f"QD score {final['qd_score']:.2f}  coverage {100 * final['coverage']:.2f}%  "
+              f"best fitness {final['best_fitness']:.2f}")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from dqd_ray.config import build_config
+    from dqd_ray.runner import Experiment
+
+    cfg = build_config(args.preset, args.config, args.set)  # fails before Ray starts
+    backend = "inprocess" if args.local_inprocess else "ray"
+    exp = Experiment.create(cfg, args.out, backend=backend, address=args.address,
+                            num_cpus=args.num_cpus)
+    print(f"run directory: {exp.run_dir}")
+    _print_result(exp.run())
+    return 0
+
+
+def _cmd_resume(args: argparse.Namespace) -> int:
+    from dqd_ray.runner import Experiment
+
+    backend = "inprocess" if args.local_inprocess else "ray"
+    exp = Experiment.resume(args.run_dir, args.set, backend=backend, address=args.address,
+                            num_cpus=args.num_cpus)
+    _print_result(exp.run())
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     if args.bench == "envs":
         from dqd_ray.bench import envs
@@ -56,6 +88,28 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_cmd_demo)
 
+    def add_common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config field by dotted path, e.g. td3.batch_size=128")
+        p.add_argument("--address", default=None,
+                       help="join this Ray cluster (default: RAY_ADDRESS, else start a local Ray)")
+        p.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray")
+        p.add_argument("--local-inprocess", action="store_true",
+                       help="run every role in this process, without Ray (debugging)")
+
+    run = sub.add_parser("run", help="run an experiment")
+    run.add_argument("--preset", default=None,
+                     help="cma_mega_td3, cma_mega_td3_es, cma_mega_es or cma_maega_td3")
+    run.add_argument("--config", default=None, help="YAML config file")
+    run.add_argument("--out", default=None, help="run directory (default: runs/<stamp>_...)")
+    add_common(run)
+    run.set_defaults(func=_cmd_run)
+
+    resume = sub.add_parser("resume", help="continue a run from its last intact checkpoint")
+    resume.add_argument("run_dir")
+    add_common(resume)
+    resume.set_defaults(func=_cmd_resume)
+
     bench = sub.add_parser("bench", help="benchmarks that print a table and write JSON")
     bsub = bench.add_subparsers(dest="bench", required=True)
     b_envs = bsub.add_parser("envs", help="env steps/s vs a bare pybullet loop")
@@ -76,8 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from dqd_ray.checkpoint import CheckpointError
+    from dqd_ray.config import ConfigError
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ConfigError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

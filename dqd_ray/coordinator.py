@@ -199,6 +199,7 @@ class Coordinator:
 
     def iteration(self) -> dict[str, Any]:
         t0 = time.perf_counter()
+        steps0, evals0 = self.counters["env_steps"], self.counters["evaluations"]
         timings = {"rollout_s": 0.0, "gradient_s": 0.0, "train_s": 0.0}
         train_info: dict = {}
         if self.learner is not None and self.td3_updates > 0:
@@ -250,6 +251,8 @@ class Coordinator:
         metrics = self.metrics()
         metrics.update(greedy)
         metrics.update(timings)
+        metrics["iteration_env_steps"] = self.counters["env_steps"] - steps0
+        metrics["iteration_evaluations"] = self.counters["evaluations"] - evals0
         metrics["grad_norm_fitness"] = float(norms[:, 0].mean())
         metrics["grad_norm_measures"] = float(norms[:, 1:].mean())
         for key in ("critic_loss", "actor_loss"):

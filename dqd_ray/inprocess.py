@@ -44,7 +44,7 @@ def learner_objectives(cfg: ExperimentConfig) -> list[int]:
 def split_objectives(objectives: list[int], num_learners: int) -> list[list[int]]:
     """Splits the critics between learners as evenly as possible (none empty)."""
     n = max(1, min(num_learners, len(objectives)))
-    return [list(part) for part in np.array_split(objectives, n)]
+    return [[int(o) for o in part] for part in np.array_split(objectives, n)]
 
 
 def initial_theta(cfg: ExperimentConfig, spec: PolicySpec, seeds: Seeds) -> np.ndarray:
@@ -54,19 +54,31 @@ def initial_theta(cfg: ExperimentConfig, spec: PolicySpec, seeds: Seeds) -> np.n
 
 
 class WorkerEvaluator:
-    """Evaluator over one in-process rollout worker."""
+    """Evaluator over one in-process rollout worker.
 
-    def __init__(self, worker: RolloutWorker):
-        self.worker = worker
+    In keyed mode transitions are staged per genome and committed in genome
+    order after each call, exactly as the Ray evaluator does in sync mode.
+    """
+
+    def __init__(self, worker: RolloutWorker, replay: ReplayBuffer | None = None,
+                 keyed: bool = False):
+        self.worker, self.replay, self.keyed = worker, replay, keyed
+        self.calls = 0
 
     def evaluate(self, genomes, seeds):
-        return self.worker.evaluate(genomes, seeds)
+        call = self.calls
+        self.calls += 1
+        keys = [(call, i) for i in range(len(genomes))] if self.keyed else None
+        out = self.worker.evaluate(genomes, seeds, keys=keys)
+        if self.keyed and self.replay is not None:
+            self.replay.commit()
+        return out
 
 
 class InProcessSystem:
     """Every role of a run as a plain object in this process."""
 
-    def __init__(self, cfg: ExperimentConfig):
+    def __init__(self, cfg: ExperimentConfig, torch_threads: int | None = None):
         self.cfg = cfg
         meta = env_metadata(cfg.env.id)
         seeds = Seeds(cfg.seed)
@@ -81,7 +93,8 @@ class InProcessSystem:
         if objectives:
             self.learner = Learner(self.spec, 1 + meta.measure_dim, cfg.td3, self.replay,
                                    device=pick_device(cfg.resources.num_gpus_per_learner),
-                                   seed=Seeds.to_int(seeds.learners), objectives=objectives)
+                                   seed=Seeds.to_int(seeds.learners.spawn(1)[0]),
+                                   objectives=objectives, torch_threads=torch_threads)
         es = None
         if cfg.uses_es:
             es = ESGradient(cfg.es.sigma, cfg.es.num_samples, seed=Seeds.to_int(seeds.es))
@@ -89,7 +102,8 @@ class InProcessSystem:
             solution_dim=self.spec.genome_dim, x0=initial_theta(cfg, self.spec, seeds),
             archive_dims=cfg.env.resolved_dims(), archive_ranges=cfg.env.resolved_ranges(),
             qd_offset=meta.qd_offset, algorithm=cfg.algorithm,
-            evaluator=WorkerEvaluator(self.worker), learner=self.learner,
+            evaluator=WorkerEvaluator(self.worker, self.replay, keyed=True),
+            learner=self.learner,
             learner_rows=objectives if self.learner else None, es=es,
             td3_updates=cfg.td3.train_steps_per_iteration, seed=Seeds.to_int(seeds.coordinator),
         )
@@ -99,3 +113,35 @@ class InProcessSystem:
 
     def close(self) -> None:
         self.worker.close()
+
+    # -- the interface the runner uses (shared with graph.RaySystem) -----------
+
+    def state(self, save_replay: bool = True) -> dict:
+        return {
+            "coordinator": self.coordinator.state_dict(),
+            "archive": self.coordinator.archive_arrays(),
+            "learners": [self.learner.state_dict()] if self.learner else [],
+            "replay": self.replay.state_dict() if save_replay else None,
+        }
+
+    def load(self, state: dict) -> None:
+        self.coordinator.load_state_dict(state["coordinator"])
+        if self.learner is not None:
+            if len(state["learners"]) != 1:
+                raise ValueError(f"checkpoint has {len(state['learners'])} learner states, "
+                                 "the in-process run has 1")
+            self.learner.load_state_dict(state["learners"][0])
+        if state.get("replay") is not None:
+            self.replay.load_state_dict(state["replay"])
+
+    def archive(self) -> dict:
+        return self.coordinator.archive_arrays()
+
+    def system_stats(self) -> dict:
+        learner = {"updates": self.learner.ensemble.updates} if self.learner else {}
+        return {"critic_updates": learner.get("updates", 0),
+                "worker_busy_s": self.worker.busy_s, "num_rollout_workers": 1,
+                "replay_size": len(self.replay)}
+
+    def start(self) -> None:
+        pass

@@ -2,10 +2,21 @@
 
 The learner pulls training batches and gradient states from a sampler (the
 in-process replay buffer, or an adapter over the replay actor) with
-``size()``, ``sample(batch_size, num_batches)`` and ``sample_states(n)``.
+``size()``, ``sample(batch_size, num_batches, seed)`` and
+``sample_states(n, seed)``. Every sample is drawn with a seed from the
+learner's own RNG, so several learners sample reproducibly in any order.
+
+Two modes:
+- sync: the coordinator calls ``train(n)`` each iteration (reproducible);
+- async: ``start_async()`` trains in a background thread from prefetched
+  sample chunks; ``jacobian`` holds the lock for one pass only, so a gradient
+  request waits at most one update.
 """
 
 from __future__ import annotations
+
+import threading
+import time
 
 import numpy as np
 import torch
@@ -27,52 +38,139 @@ class Learner:
         num_objectives: 1 + number of measures.
         td3_cfg: :class:`dqd_ray.config.TD3Config`.
         sampler: Replay sampler (see module docstring).
-        device: Torch device.
-        seed: Initialization seed.
+        device: Torch device, or ``"auto"`` (cuda if visible, else cpu).
+        seed: Initialization and sampling seed.
         objectives: Objectives owned by this learner (default: all).
+        torch_threads: Intra-op threads for torch (None keeps the default).
     """
 
     def __init__(self, policy_spec: PolicySpec, num_objectives: int, td3_cfg, sampler=None, *,
-                 device: str = "cpu", seed: int = 0, objectives: list[int] | None = None):
+                 device: str = "cpu", seed: int = 0, objectives: list[int] | None = None,
+                 torch_threads: int | None = None):
+        if torch_threads:
+            torch.set_num_threads(int(torch_threads))
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
         self.cfg = td3_cfg
         self.sampler = sampler
         self.ensemble = TD3Ensemble(policy_spec, num_objectives, td3_cfg, device=device,
                                     seed=seed, objectives=objectives)
         self.objectives = self.ensemble.objectives
         self.device = device
+        self.rng = np.random.default_rng(seed)
         self.last_losses: dict = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self.busy_s = 0.0
 
     def set_sampler(self, sampler) -> None:
         self.sampler = sampler
 
+    def _seed(self) -> int:
+        return int(self.rng.integers(0, 2**63 - 1))
+
     def ready(self) -> bool:
         return self.sampler is not None and self.sampler.size() >= max(1, self.cfg.learning_starts)
 
+    # -- training ----------------------------------------------------------
+
     def train(self, num_updates: int) -> dict:
+        """Sync mode: ``num_updates`` updates now (0 while the buffer is too small)."""
         if num_updates <= 0 or not self.ready():
             return {"updates": 0}
-        batches = self.sampler.sample(self.cfg.batch_size, num_updates)
+        batches = self.sampler.sample(self.cfg.batch_size, num_updates, self._seed())
         return self.train_on(batches)
 
     def train_on(self, batches: dict) -> dict:
-        out = self.ensemble.train(batches)
+        start = time.perf_counter()
+        with self._lock:
+            out = self.ensemble.train(batches)
+        self.busy_s += time.perf_counter() - start
+        if not np.isfinite(out["actor_loss"]).any() and "actor_loss" in self.last_losses:
+            out = {**out, "actor_loss": self.last_losses["actor_loss"]}  # keep the last one
         self.last_losses = out
         return out
 
+    def start_async(self, batches_per_pull: int = 50) -> None:
+        """Trains continuously in a background thread until :meth:`stop_async`."""
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, args=(batches_per_pull,), daemon=True)
+        self._thread.start()
+
+    def _loop(self, batches_per_pull: int) -> None:
+        try:
+            pending = None
+            while not self._stop.is_set():
+                if not self.ready():
+                    time.sleep(0.05)
+                    continue
+                if pending is None:
+                    pending = self._pull(batches_per_pull)
+                batches = pending.get() if hasattr(pending, "get") else pending
+                pending = self._pull(batches_per_pull)  # prefetch the next chunk
+                for i in range(len(batches["obs"])):
+                    if self._stop.is_set():
+                        break
+                    self.train_on({k: v[i:i + 1] for k, v in batches.items()})
+        except BaseException as err:  # surfaced by stats()
+            self._error = err
+
+    def _pull(self, n: int):
+        fn = getattr(self.sampler, "sample_async", None)
+        seed = self._seed()
+        if fn is not None:
+            return fn(self.cfg.batch_size, n, seed)
+        return self.sampler.sample(self.cfg.batch_size, n, seed)
+
+    def stop_async(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join(timeout=60)
+            self._thread = None
+
+    def stats(self) -> dict:
+        if self._error is not None:
+            raise RuntimeError(f"background training failed: {self._error!r}") from self._error
+        out = {"updates": self.ensemble.updates, "busy_s": self.busy_s,
+               "objectives": list(self.objectives), "device": str(self.device)}
+        for k in ("critic_loss", "actor_loss"):
+            if k in self.last_losses:
+                out[k] = np.asarray(self.last_losses[k]).tolist()
+        return out
+
+    # -- gradients -----------------------------------------------------------
+
     def jacobian(self, genomes: np.ndarray, states: np.ndarray | None = None) -> np.ndarray:
+        """``(G, len(objectives), D)`` uphill gradients of mean Q over buffer states."""
         if states is None:
             if self.sampler is None or self.sampler.size() == 0:
                 raise RuntimeError("jacobian needs states: the replay buffer is empty")
-            states = self.sampler.sample_states(self.cfg.jacobian_states)
-        return self.ensemble.jacobian(np.asarray(genomes, np.float32), states)
+            states = self.sampler.sample_states(self.cfg.jacobian_states, self._seed())
+        with self._lock:
+            return self.ensemble.jacobian(np.asarray(genomes, np.float32), states)
 
     def greedy_genome(self) -> np.ndarray:
         if 0 not in self.objectives:
             raise RuntimeError("this learner does not own the fitness agent")
-        return self.ensemble.greedy_genome(self.objectives.index(0))
+        with self._lock:
+            return self.ensemble.greedy_genome(self.objectives.index(0))
+
+    # -- state -----------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        return self.ensemble.state_dict()
+        with self._lock:
+            state = self.ensemble.state_dict()
+        state["sample_rng"] = self.rng.bit_generator.state
+        return state
 
     def load_state_dict(self, state: dict) -> None:
-        self.ensemble.load_state_dict(state)
+        state = dict(state)
+        rng_state = state.pop("sample_rng", None)
+        with self._lock:
+            self.ensemble.load_state_dict(state)
+        if rng_state is not None:
+            self.rng.bit_generator.state = rng_state

@@ -37,6 +37,7 @@ class ReplayBuffer:
         self._pos = 0
         self._size = 0
         self.total_added = 0
+        self._staged: dict[tuple, dict] = {}
         self._rng = np.random.default_rng(seed)
 
     def __len__(self) -> int:
@@ -71,13 +72,36 @@ class ReplayBuffer:
                 raise ValueError(f"chunk[{k!r}] has {a.shape[0]} rows, other fields have {n}")
         return int(n)
 
-    def add(self, chunk: dict) -> int:
-        """Copies a chunk of transitions in; returns how many were added.
+    def add(self, chunk: dict, key: tuple | None = None) -> int:
+        """Copies a chunk of transitions in; returns how many were received.
+
+        Args:
+            chunk: Arrays ``obs, action, reward, next_obs, terminated``.
+            key: When given, the chunk is staged and only appended by
+                :meth:`commit`, in key order: producers that finish in any order
+                then still give the same buffer (reproducible sync mode).
 
         Raises:
             ValueError: On missing keys, wrong shapes or dtypes (nothing is added).
         """
         n = self._validate(chunk)
+        if key is not None:
+            if key in self._staged:
+                raise ValueError(f"a chunk with key {key} is already staged")
+            self._staged[tuple(key)] = {k: np.array(chunk[k], np.float32) for k in FIELDS}
+            return n
+        return self._append(chunk, n)
+
+    def commit(self) -> int:
+        """Appends every staged chunk in key order; returns transitions appended."""
+        total = 0
+        for key in sorted(self._staged):
+            chunk = self._staged[key]
+            total += self._append(chunk, len(chunk["obs"]))
+        self._staged.clear()
+        return total
+
+    def _append(self, chunk: dict, n: int) -> int:
         if n == 0:
             return 0
         start = 0
@@ -91,21 +115,31 @@ class ReplayBuffer:
         self.total_added += n
         return n
 
-    def sample(self, batch_size: int, num_batches: int = 1) -> dict[str, np.ndarray]:
+    def _gen(self, seed: int | None) -> np.random.Generator:
+        return self._rng if seed is None else np.random.default_rng(seed)
+
+    def sample(self, batch_size: int, num_batches: int = 1,
+               seed: int | None = None) -> dict[str, np.ndarray]:
         """Uniform samples: arrays of shape ``(num_batches, batch_size, ...)``.
+
+        Args:
+            batch_size: Transitions per batch.
+            num_batches: Batches returned in this one call.
+            seed: Sample with this seed instead of the buffer's own RNG (lets
+                several consumers sample reproducibly in any call order).
 
         Raises:
             ValueError: If the buffer is empty.
         """
         if self._size == 0:
             raise ValueError("cannot sample from an empty replay buffer")
-        idx = self._rng.integers(0, self._size, size=(num_batches, batch_size))
+        idx = self._gen(seed).integers(0, self._size, size=(num_batches, batch_size))
         return {k: v[idx] for k, v in self._data.items()}
 
-    def sample_states(self, n: int) -> np.ndarray:
+    def sample_states(self, n: int, seed: int | None = None) -> np.ndarray:
         if self._size == 0:
             raise ValueError("cannot sample from an empty replay buffer")
-        return self._data["obs"][self._rng.integers(0, self._size, size=n)]
+        return self._data["obs"][self._gen(seed).integers(0, self._size, size=n)]
 
     def stats(self) -> dict:
         return {"size": self._size, "capacity": self.capacity, "total_added": self.total_added,

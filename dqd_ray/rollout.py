@@ -10,6 +10,7 @@ flags it invalid; its transitions after the fault are not recorded.
 
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 import numpy as np
@@ -17,12 +18,13 @@ import numpy as np
 from dqd_ray.envs import env_metadata, make_env
 from dqd_ray.policy import PolicySpec
 
-Sink = Callable[[dict], None]
+Sink = Callable[..., None]  # sink(chunk) or sink(chunk, key=...)
 
 
 class _ChunkBuilder:
-    def __init__(self, obs_dim: int, act_dim: int, reward_dim: int, size: int, sink: Sink):
-        self.size, self.sink = size, sink
+    def __init__(self, obs_dim: int, act_dim: int, reward_dim: int, size: int, sink: Sink,
+                 key: tuple | None = None):
+        self.size, self.sink, self.key, self.part = size, sink, key, 0
         self._bufs = {
             "obs": np.empty((size, obs_dim), np.float32),
             "action": np.empty((size, act_dim), np.float32),
@@ -43,7 +45,12 @@ class _ChunkBuilder:
 
     def flush(self):
         if self.n:
-            self.sink({k: v[: self.n].copy() for k, v in self._bufs.items()})
+            chunk = {k: v[: self.n].copy() for k, v in self._bufs.items()}
+            if self.key is None:
+                self.sink(chunk)
+            else:
+                self.sink(chunk, key=(*self.key, self.part))
+                self.part += 1
             self.n = 0
 
 
@@ -74,24 +81,39 @@ class RolloutWorker:
         self.chunk_size = chunk_size
         self._sink = sink
         self.total_env_steps = 0
+        self.busy_s = 0.0
 
     def set_sink(self, sink: Sink | None) -> None:
         self._sink = sink
 
+    def evaluate_indices(self, genomes: np.ndarray, indices, seeds, keys=None,
+                         record: bool = True) -> dict:
+        """Evaluates ``genomes[indices]`` (lets callers share one genome array)."""
+        idx = np.asarray(indices)
+        return self.evaluate(np.asarray(genomes)[idx], seeds, record=record, keys=keys)
+
+    def stats(self) -> dict:
+        return {"env_steps": self.total_env_steps, "busy_s": self.busy_s}
+
     def evaluate(self, genomes: np.ndarray, seeds: np.ndarray | list[int],
-                 record: bool = True) -> dict:
+                 record: bool = True, keys=None) -> dict:
         """Runs one episode per genome.
 
         Args:
             genomes: ``(G, genome_dim)``.
             seeds: One env seed per genome.
             record: Whether to emit transitions.
+            keys: Optional ordering key per genome (tuples or ints). When given,
+                every chunk holds one genome's transitions and is sent with key
+                ``(*key, part)``, so a keyed replay buffer orders them the same
+                whichever worker ran which genome.
 
         Returns:
             dict with ``fitness (G,)``, ``measures (G, k)``, ``length (G,)``,
             ``valid (G,)`` (bool), ``env_steps``, and ``transitions`` (a list of
             chunks; empty when a sink took them).
         """
+        t_start = time.perf_counter()
         genomes = np.asarray(self.spec.check(genomes), np.float32)
         if genomes.ndim != 2:
             raise ValueError(f"genomes must be 2-D (G, D), got shape {genomes.shape}")
@@ -105,11 +127,12 @@ class RolloutWorker:
         valid = np.ones(g_count, bool)
         returned: list[dict] = []
         sink = self._sink if self._sink is not None else returned.append
-        chunks = None
-        if record:
-            e = self.envs[0]
-            chunks = _ChunkBuilder(e.observation_space.shape[0], e.action_space.shape[0],
-                                   1 + self.measure_dim, self.chunk_size, sink)
+        e = self.envs[0]
+        dims = (e.observation_space.shape[0], e.action_space.shape[0], 1 + self.measure_dim)
+        shared = None
+        builders: list[_ChunkBuilder | None] = [None] * len(self.envs)
+        if record and keys is None:
+            shared = _ChunkBuilder(*dims, self.chunk_size, sink)
 
         queue = list(range(g_count))
         slots: list[int | None] = [None] * len(self.envs)
@@ -117,12 +140,21 @@ class RolloutWorker:
         steps = 0
 
         def start(slot: int) -> None:
+            if builders[slot] is not None and builders[slot] is not shared:
+                builders[slot].flush()  # a keyed chunk holds one episode
             if queue:
                 gi = queue.pop(0)
                 slots[slot] = gi
                 obs[slot], _ = self.envs[slot].reset(seed=int(seeds[gi]))
+                if record and keys is not None:
+                    k = keys[gi]
+                    k = tuple(int(v) for v in k) if np.ndim(k) else (int(k),)
+                    builders[slot] = _ChunkBuilder(*dims, self.chunk_size, sink, key=k)
+                else:
+                    builders[slot] = shared
             else:
                 slots[slot] = None
+                builders[slot] = None
 
         for s in range(len(self.envs)):
             start(s)
@@ -147,18 +179,22 @@ class RolloutWorker:
                     length[gi] = env._t
                     start(s)
                     continue
-                if chunks is not None:
-                    chunks.add(obs[s], actions[row], (rew, *info["measures_step"]), nxt,
-                               float(term))
+                if builders[s] is not None:
+                    builders[s].add(obs[s], actions[row], (rew, *info["measures_step"]), nxt,
+                                    float(term))
                 obs[s] = nxt
                 if term or trunc:
                     fitness[gi] = env.episode_return
                     measures[gi] = info["measures"]
                     length[gi] = env._t
                     start(s)
-        if chunks is not None:
-            chunks.flush()
+        if shared is not None:
+            shared.flush()
+        drain = getattr(self._sink, "drain", None)
+        if drain is not None:
+            drain()  # every chunk has reached the buffer when evaluate returns
         self.total_env_steps += steps
+        self.busy_s += time.perf_counter() - t_start
         fitness[~valid] = np.nan
         measures[~valid] = np.nan
         return {"fitness": fitness, "measures": measures, "length": length, "valid": valid,

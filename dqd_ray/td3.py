@@ -81,7 +81,7 @@ class TD3Ensemble:
                  device: str = "cpu", seed: int = 0, objectives: list[int] | None = None):
         self.spec, self.cfg = policy_spec, cfg
         self.device = torch.device(device)
-        self.objectives = list(range(num_objectives)) if objectives is None else list(objectives)
+        self.objectives = list(range(num_objectives)) if objectives is None else [int(o) for o in objectives]
         e = len(self.objectives)
         self.num_agents = e
         gen = torch.Generator().manual_seed(int(seed))
@@ -105,7 +105,10 @@ class TD3Ensemble:
     # -- training ----------------------------------------------------------
 
     def _to(self, a) -> torch.Tensor:
-        return torch.as_tensor(np.asarray(a), dtype=torch.float32, device=self.device)
+        a = np.asarray(a, dtype=np.float32)
+        if not a.flags.writeable:  # e.g. zero-copy arrays from Ray's object store
+            a = a.copy()
+        return torch.as_tensor(a, device=self.device)
 
     def _q(self, net: StackedMLP, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
         """obs/act ``(E, B, .)`` -> Q ``(E, 2, B)`` (both twins)."""
@@ -213,19 +216,29 @@ class TD3Ensemble:
     # -- state ---------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        return {
+        """A snapshot: later training does not change the returned tensors.
+
+        (torch's ``state_dict`` methods return live references to the weights
+        and Adam moments, which every update changes in place.)
+        """
+        return copy.deepcopy({
             "actor": self.actor.state_dict(), "critic": self.critic.state_dict(),
             "actor_target": self.actor_target.state_dict(),
             "critic_target": self.critic_target.state_dict(),
             "actor_opt": self.actor_opt.state_dict(), "critic_opt": self.critic_opt.state_dict(),
             "noise_gen": self.noise_gen.get_state(), "updates": self.updates,
             "objectives": list(self.objectives),
-        }
+        })
 
     def load_state_dict(self, state: dict) -> None:
         if list(state["objectives"]) != self.objectives:
             raise ValueError(f"state is for objectives {state['objectives']}, "
                              f"this ensemble has {self.objectives}")
+        # Optimizer.load_state_dict keeps the given moment/step tensors as its
+        # own state (no copy): copy them so this ensemble never shares them
+        # with the state's source or with another ensemble loaded from it.
+        state = {**state, "actor_opt": copy.deepcopy(state["actor_opt"]),
+                 "critic_opt": copy.deepcopy(state["critic_opt"])}
         self.actor.load_state_dict(state["actor"])
         self.critic.load_state_dict(state["critic"])
         self.actor_target.load_state_dict(state["actor_target"])

@@ -33,7 +33,7 @@ def write_json(path: str | os.PathLike | None, payload: dict[str, Any]) -> None:
 def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
     def fmt(v: Any) -> str:
         if isinstance(v, float):
-            return f"{v:,.3f}" if abs(v) < 10 else f"{v:,.0f}"
+            return f"{v:,.3f}" if abs(v) < 10 else (f"{v:,.2f}" if abs(v) < 1000 else f"{v:,.0f}")
         return str(v)
 
     cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]

@@ -1,0 +1,93 @@
+"""Metric sinks: progress bar, metrics.jsonl, wandb (offline without a key)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+
+def _clean(v: Any):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    if hasattr(v, "item"):
+        return _clean(v.item())
+    return v
+
+
+class JsonlSink:
+    def __init__(self, path: Path):
+        self.path = path
+        self.f = open(path, "a", buffering=1)
+
+    def log(self, metrics: dict, archive=None) -> None:
+        self.f.write(json.dumps(_clean(metrics)) + "\n")
+
+    def close(self) -> None:
+        self.f.close()
+
+
+class ProgressSink:
+    def __init__(self, total: int, initial: int = 0, enabled: bool = True):
+        self.bar = tqdm(total=total, initial=initial, disable=not enabled, unit="it",
+                        dynamic_ncols=True)
+
+    def log(self, metrics: dict, archive=None) -> None:
+        best = metrics.get("best_fitness")
+        self.bar.set_postfix(qd=f"{metrics['qd_score']:.0f}", cov=f"{100 * metrics['coverage']:.1f}%",
+                             best="-" if best is None else f"{best:.1f}",
+                             sps=f"{metrics.get('env_steps_per_s', 0):.0f}", refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def wandb_mode() -> str:
+    """``online`` only with an API key (or an explicit WANDB_MODE); never prompts."""
+    mode = os.environ.get("WANDB_MODE")
+    if mode:
+        return mode
+    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+
+
+class WandbSink:
+    """One wandb run per experiment; heatmaps every ``heatmap_every`` iterations."""
+
+    def __init__(self, run_dir: Path, cfg, run_id: str, dims, names, resume: bool = False):
+        import wandb
+
+        self.wandb = wandb
+        self.dims, self.names, self.every = dims, names, cfg.logging.heatmap_every
+        self.run = wandb.init(
+            project=cfg.logging.wandb_project, group=cfg.logging.wandb_group,
+            config=cfg.model_dump(mode="json"), dir=str(run_dir), id=run_id,
+            name=run_dir.name, mode=wandb_mode(), resume="allow" if resume else None,
+            settings=wandb.Settings(silent=True, console="off"),
+        )
+        self.run_dir = Path(self.run.dir).parent if self.run is not None else None
+
+    def log(self, metrics: dict, archive=None) -> None:
+        data = {k: v for k, v in _clean(metrics).items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        it = int(metrics["iteration"])
+        if archive is not None and (it % self.every == 0 or it == 1):
+            from dqd_ray.viz import heatmap
+
+            fig = heatmap(archive, self.dims, names=self.names, title=f"iteration {it}")
+            data["archive"] = self.wandb.Image(fig)
+            import matplotlib.pyplot as plt
+
+            plt.close(fig)
+        self.run.log(data, step=it)
+
+    def close(self) -> None:
+        self.run.finish()

@@ -1,0 +1,246 @@
+"""The driver loop: run or resume an experiment.
+
+Validates the config before Ray starts, builds the system (Ray actor graph,
+or everything in process with ``backend="inprocess"``), loops over
+iterations until the budget, writes metrics (progress bar, metrics.jsonl,
+wandb) and checkpoints, and shuts down cleanly, also on Ctrl-C (the last
+completed iteration is checkpointed first).
+
+Run directory::
+
+    RUN_DIR/config.yaml       resolved config
+    RUN_DIR/metrics.jsonl     one line per iteration
+    RUN_DIR/summary.json      final metrics
+    RUN_DIR/archive.png       final heatmap
+    RUN_DIR/checkpoints/      ckpt_<iteration>/ (see checkpoint.py)
+    RUN_DIR/wandb/            when logging.wandb is on
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from dqd_ray import checkpoint as ckpt
+from dqd_ray.config import ConfigError, ExperimentConfig, build_config, to_yaml
+from dqd_ray.envs import env_metadata
+from dqd_ray.logging import JsonlSink, ProgressSink, WandbSink
+
+# Fields a resume may change; anything else must match the original run.
+RESUMABLE = ("iterations", "evaluations", "logging", "checkpoint")
+
+Backend = Literal["ray", "inprocess"]
+
+
+def default_run_dir(cfg: ExperimentConfig) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    name = cfg.preset or f"{cfg.algorithm.name}_{cfg.algorithm.gradients}"
+    return Path("runs") / f"{stamp}_{name}_{cfg.env.id.split('BulletEnv')[0]}_s{cfg.seed}"
+
+
+def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [f"{prefix[:-1]}: run has {a!r}, requested {b!r}"]
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+
+
+def make_system(cfg: ExperimentConfig, backend: Backend, torch_threads: int | None = None):
+    if backend == "inprocess":
+        from dqd_ray.inprocess import InProcessSystem
+
+        return InProcessSystem(cfg, torch_threads=torch_threads)
+    from dqd_ray.graph import RaySystem
+
+    return RaySystem(cfg, torch_threads=torch_threads)
+
+
+class Experiment:
+    """One run directory and the loop that fills it."""
+
+    def __init__(self, cfg: ExperimentConfig, run_dir: Path, *, backend: Backend = "ray",
+                 address: str | None = None, num_cpus: int | None = None,
+                 torch_threads: int | None = None, resume_state: tuple | None = None):
+        self.cfg, self.run_dir, self.backend = cfg, Path(run_dir), backend
+        self.address, self.num_cpus, self.torch_threads = address, num_cpus, torch_threads
+        self.resume_state = resume_state
+        self.meta = env_metadata(cfg.env.id)
+
+    # -- entry points ------------------------------------------------------------
+
+    @classmethod
+    def create(cls, cfg: ExperimentConfig, run_dir: str | Path | None = None, **kw) -> "Experiment":
+        run_dir = Path(run_dir) if run_dir else default_run_dir(cfg)
+        if (run_dir / "config.yaml").exists():
+            raise ConfigError(f"{run_dir} already holds a run; use `dqd-ray resume {run_dir}` "
+                              "or choose another --out")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        (run_dir / "run_id").write_text(uuid.uuid4().hex[:12])
+        return cls(cfg, run_dir, **kw)
+
+    @classmethod
+    def resume(cls, run_dir: str | Path, sets: list[str] | None = None, **kw) -> "Experiment":
+        run_dir = Path(run_dir)
+        cfg_path = run_dir / "config.yaml"
+        if not cfg_path.exists():
+            raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
+        original = build_config(file=cfg_path)
+        requested = build_config(file=cfg_path, sets=sets)
+        a, b = original.model_dump(mode="json"), requested.model_dump(mode="json")
+        for key in RESUMABLE:
+            a.pop(key, None)
+            b.pop(key, None)
+        diffs = _diff(a, b)
+        if diffs:
+            raise ConfigError("resume cannot change these settings of the run:\n  "
+                              + "\n  ".join(diffs)
+                              + f"\n(only {', '.join(RESUMABLE)} may change on resume)")
+        found = ckpt.latest_valid(run_dir / "checkpoints")
+        if found is None:
+            raise ckpt.CheckpointError(f"{run_dir}: no intact checkpoint to resume from")
+        path, manifest = found
+        saved = manifest["config"]
+        s_a = {k: v for k, v in saved.items() if k not in RESUMABLE}
+        diffs = _diff(s_a, {k: v for k, v in original.model_dump(mode="json").items()
+                            if k not in RESUMABLE})
+        if diffs:
+            raise ConfigError(f"{run_dir}/config.yaml differs from the checkpoint's config:\n  "
+                              + "\n  ".join(diffs))
+        (run_dir / "config.yaml").write_text(to_yaml(requested))
+        return cls(requested, run_dir, resume_state=(path, manifest), **kw)
+
+    # -- the loop ------------------------------------------------------------------
+
+    def _budget_left(self, m: dict | None) -> bool:
+        if m is None:
+            return True
+        if m["iteration"] >= self.cfg.iterations:
+            return False
+        return self.cfg.evaluations is None or m["evaluations"] < self.cfg.evaluations
+
+    def _save(self, system, iteration: int) -> Path:
+        state = system.state(save_replay=self.cfg.checkpoint.save_replay)
+        state["extra"] = {"wall_s": self.wall_s}
+        return ckpt.save_checkpoint(self.run_dir / "checkpoints", iteration, state,
+                                    self.cfg.model_dump(mode="json"), keep=self.cfg.checkpoint.keep)
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        if self.backend == "ray":
+            init_ray(self.address, self.num_cpus)
+        system = make_system(cfg, self.backend, self.torch_threads)
+        start_iter, self.wall_s = 0, 0.0
+        if self.resume_state is not None:
+            path, manifest = self.resume_state
+            state = ckpt.load_checkpoint(path, manifest)
+            system.load(state)
+            start_iter = int(manifest["iteration"])
+            self.wall_s = float(state["extra"].get("wall_s", 0.0))
+            print(f"resumed from {path} (iteration {start_iter})")
+        sinks: list = [JsonlSink(self.run_dir / "metrics.jsonl"),
+                       ProgressSink(cfg.iterations, start_iter, cfg.logging.progress_bar)]
+        dims = cfg.env.resolved_dims()
+        if cfg.logging.wandb:
+            run_id = (self.run_dir / "run_id").read_text().strip()
+            sinks.append(WandbSink(self.run_dir, cfg, run_id, dims, self.meta.measure_names,
+                                   resume=self.resume_state is not None))
+        last: dict | None = None
+        if start_iter >= cfg.iterations:
+            last = {"iteration": start_iter, "evaluations": 0}
+        saved_at = start_iter
+        interrupted = False
+        system.start()
+        prev = system.system_stats()
+        try:
+            while self._budget_left(last):
+                t0 = time.perf_counter()
+                m = system.iteration()
+                dt = time.perf_counter() - t0
+                self.wall_s += dt
+                now = system.system_stats()
+                m.update(self._throughput(m, dt, prev, now))
+                prev = now
+                m["wall_s"] = self.wall_s
+                archive = system.archive() if cfg.logging.wandb else None
+                for s in sinks:
+                    s.log(m, archive)
+                last = m
+                if m["iteration"] % cfg.checkpoint.every == 0:
+                    self._save(system, m["iteration"])
+                    saved_at = m["iteration"]
+        except KeyboardInterrupt:
+            interrupted = True
+            print("\ninterrupted: writing a checkpoint of the last completed iteration")
+        finally:
+            try:
+                if last is not None and last["iteration"] != saved_at and "qd_score" in last:
+                    self._save(system, last["iteration"])
+                summary = self._summary(system, last, interrupted)
+            finally:
+                for s in sinks:
+                    s.close()
+                system.close()
+        return summary
+
+    def _throughput(self, m: dict, dt: float, prev: dict, now: dict) -> dict:
+        steps = m["iteration_env_steps"]
+        workers = max(1, now["num_rollout_workers"])
+        busy = now["worker_busy_s"] - prev["worker_busy_s"]
+        updates = now["critic_updates"] - prev["critic_updates"]
+        coord_s = max(0.0, m["iteration_s"] - m["rollout_s"] - m["gradient_s"] - m["train_s"])
+        return {
+            "env_steps_per_s": steps / dt if dt > 0 else 0.0,
+            "evaluations_per_s": m["iteration_evaluations"] / dt if dt > 0 else 0.0,
+            "critic_updates_per_s": updates / dt if dt > 0 else 0.0,
+            "critic_updates_total": now["critic_updates"],
+            "time_rollout_s": m["rollout_s"], "time_gradient_s": m["gradient_s"],
+            "time_train_s": m["train_s"], "time_coordinator_s": coord_s,
+            "worker_idle_frac": max(0.0, 1.0 - busy / (workers * dt)) if dt > 0 else 0.0,
+            "replay_size": now["replay_size"],
+        }
+
+    def _summary(self, system, last: dict | None, interrupted: bool) -> dict:
+        summary = {"run_dir": str(self.run_dir), "interrupted": interrupted,
+                   "final": last, "wall_s": self.wall_s}
+        if last is not None and "qd_score" in last:
+            from dqd_ray.viz import heatmap
+
+            import matplotlib.pyplot as plt
+
+            fig = heatmap(system.archive(), self.cfg.env.resolved_dims(),
+                          path=self.run_dir / "archive.png", names=self.meta.measure_names,
+                          title=f"{self.cfg.env.id} iteration {last['iteration']}")
+            plt.close(fig)
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        return summary
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def load_run_config(run_dir: str | Path) -> ExperimentConfig:
+    return ExperimentConfig.model_validate(yaml.safe_load((Path(run_dir) / "config.yaml").read_text()))

@@ -1,0 +1,122 @@
+"""Mirrored, rank-normalized ES gradient estimates."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dqd_ray.es_gradients import ESGradient, centered_ranks
+
+
+def cosine(a, b) -> float:
+    return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def test_centered_ranks_1d():
+    v = np.array([3.0, -1.0, 10.0, 0.5, 2.0])
+    r = centered_ranks(v)
+    np.testing.assert_allclose(r, [0.25, -0.5, 0.5, -0.25, 0.0])
+    assert r.shape == v.shape
+
+
+def test_centered_ranks_2d_per_column():
+    rng = np.random.default_rng(0)
+    v = rng.normal(size=(50, 3))
+    v[:, 2] = -v[:, 0]  # reversed order in column 2
+    r = centered_ranks(v)
+    assert r.shape == (50, 3)
+    assert r.min() >= -0.5 and r.max() <= 0.5
+    for j in range(3):
+        np.testing.assert_allclose(np.sort(r[:, j]), np.linspace(-0.5, 0.5, 50))
+        # Monotone in the values.
+        order = np.argsort(v[:, j])
+        assert np.all(np.diff(r[order, j]) > 0)
+    np.testing.assert_allclose(r[:, 2], -r[:, 0])
+    # Scale invariant: only ranks matter.
+    np.testing.assert_allclose(centered_ranks(1e6 * v + 5), r)
+
+
+def test_centered_ranks_handle_infinities_and_ties():
+    r = centered_ranks(np.array([1.0, -np.inf, 1.0, 7.0]))
+    np.testing.assert_allclose(r, np.array([1, 0, 2, 3]) / 3 - 0.5)
+    assert centered_ranks(np.array([4.0])).tolist() == [-0.5]
+
+
+def test_mirrored_points_are_symmetric():
+    es = ESGradient(sigma=0.1, num_samples=8, seed=0)
+    theta = np.arange(5, dtype=np.float32)
+    points, eps = es.perturb(theta)
+    assert points.shape == (8, 5) and eps.shape == (4, 5)
+    assert points.dtype == np.float32
+    np.testing.assert_allclose(points[:4] + points[4:], np.tile(2 * theta, (4, 1)), atol=1e-5)
+    np.testing.assert_allclose(points[:4] - theta, 0.1 * eps, atol=1e-5)
+    np.testing.assert_allclose(points[4:] - theta, -0.1 * eps, atol=1e-5)
+
+
+def test_seeded_and_advancing():
+    a, b = ESGradient(0.1, 10, seed=3), ESGradient(0.1, 10, seed=3)
+    theta = np.zeros(4)
+    pa, _ = a.perturb(theta)
+    pb, _ = b.perturb(theta)
+    np.testing.assert_array_equal(pa, pb)
+    pa2, _ = a.perturb(theta)
+    assert not np.allclose(pa, pa2)
+
+
+def test_quadratic_gradient_direction():
+    rng = np.random.default_rng(1)
+    dim = 20
+    c = rng.normal(size=dim)
+    x = rng.normal(size=dim)
+    es = ESGradient(sigma=0.05, num_samples=2000, seed=0)
+
+    def f(points):
+        return -np.sum((points - c) ** 2, axis=1)
+
+    g = es.gradient(x, f)
+    assert g.shape == (1, dim)
+    assert cosine(g[0], c - x) > 0.9
+    # A step along the estimate improves f.
+    step = 0.1 * g[0] / np.linalg.norm(g[0])
+    assert f((x + step)[None])[0] > f(x[None])[0]
+
+
+def test_estimate_exact_on_single_direction():
+    """One mirrored pair: the + point wins, so the estimate is eps * 1 / (2 sigma)."""
+    es = ESGradient(sigma=0.5, num_samples=2, seed=0)
+    eps = np.array([[1.0, -2.0, 0.5]])
+    g = es.estimate(eps, np.array([3.0, 1.0]))
+    np.testing.assert_allclose(g, eps * (0.5 - (-0.5)) / (2 * 0.5))
+    g = es.estimate(eps, np.array([1.0, 3.0]))
+    np.testing.assert_allclose(g, -eps * 1.0 / (2 * 0.5))
+
+
+def test_multi_objective_shape_and_directions():
+    dim = 10
+    es = ESGradient(sigma=0.05, num_samples=1000, seed=2)
+    x = np.zeros(dim)
+    w = np.eye(dim)[:3]  # objective j = x_j, so gradient e_j
+    points, eps = es.perturb(x)
+    values = points @ w.T  # (num_samples, 3)
+    g = es.estimate(eps, values)
+    assert g.shape == (3, dim)
+    for j in range(3):
+        assert int(np.argmax(g[j])) == j
+        assert cosine(g[j], w[j]) > 0.9
+    # Each row is what a single-objective estimate of that column gives.
+    np.testing.assert_allclose(g[1], es.estimate(eps, values[:, 1])[0])
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="even"):
+        ESGradient(0.1, num_samples=5)
+    with pytest.raises(ValueError, match="even"):
+        ESGradient(0.1, num_samples=0)
+    with pytest.raises(ValueError, match="sigma"):
+        ESGradient(0.0, num_samples=4)
+    with pytest.raises(ValueError, match="sigma"):
+        ESGradient(-1.0, num_samples=4)
+    es = ESGradient(0.1, num_samples=4, seed=0)
+    _, eps = es.perturb(np.zeros(3))
+    with pytest.raises(ValueError, match="expected 4 values"):
+        es.estimate(eps, np.zeros(6))
