@@ -17,14 +17,21 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
+# A short local CMA-MEGA (TD3) run on QD Ant: a few minutes on 2 cores.
+RUN_DIR ?= runs/local_ant_$(shell date +%Y%m%d-%H%M%S)
 run: $(STAMP)
-	$(BIN)/dqd-ray demo
+	$(BIN)/dqd-ray run --preset cma_mega_td3 --out $(RUN_DIR) \
+		--set iterations=25 --set algorithm.batch_size=16 \
+		--set td3.replay_capacity=200000 --set checkpoint.every=5 \
+		--set logging.wandb=true --set logging.heatmap_every=5
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
 	$(BIN)/dqd-ray bench envs --json runs/bench_envs.json
+	$(BIN)/dqd-ray bench system --json runs/bench_system.json
+	$(BIN)/dqd-ray bench sphere --json runs/bench_sphere.json
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

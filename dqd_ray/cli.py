@@ -72,6 +72,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                    seed=args.seed, json_path=args.json, compare_map_elites=args.map_elites,
                    selection_rule=args.selection_rule, report_every=args.report_every)
         return 0
+    if args.bench == "system":
+        from dqd_ray.bench import system
+
+        system.run(workers=args.workers, env_id=args.env, genomes=args.genomes,
+                   envs_per_worker=args.envs_per_worker, iterations=args.iterations,
+                   json_path=args.json)
+        return 0
     raise AssertionError(args.bench)
 
 
@@ -125,6 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
     b_sph.add_argument("--map-elites", action="store_true", help="also run MAP-Elites")
     b_sph.add_argument("--report-every", type=int, default=1000)
     b_sph.add_argument("--json", default=None)
+    b_sys = bsub.add_parser("system", help="rollout actors on Ray vs a single process")
+    b_sys.add_argument("--workers", type=int, default=None)
+    b_sys.add_argument("--env", default="QDAntBulletEnv-v0")
+    b_sys.add_argument("--genomes", type=int, default=24)
+    b_sys.add_argument("--envs-per-worker", type=int, default=4)
+    b_sys.add_argument("--iterations", type=int, default=5)
+    b_sys.add_argument("--json", default=None)
     bench.set_defaults(func=_cmd_bench)
     return parser
 

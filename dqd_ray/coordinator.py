@@ -67,6 +67,19 @@ class MaskedScheduler(Scheduler):
             value[~mask] = min(float(np.min(info["value"])), 0.0) - 1e6
         return {"status": status, "value": value}
 
+    def tell(self, objective, measures, **fields):
+        mask = self.valid_mask
+        if mask is not None and not mask.any() and self.archive.empty:
+            # Nothing to rank and nothing to restart from: an emitter's
+            # no-improvement restart would sample an elite from the empty
+            # archive (IndexError in pyribs). Skip the emitters' update; they
+            # sample again from the same distribution next iteration.
+            if self._last_called != "ask":
+                raise RuntimeError("tell() was called without calling ask().")
+            self._last_called = "tell"
+            return
+        super().tell(objective, measures, **fields)
+
 
 class Coordinator:
     """Runs CMA-MEGA / CMA-MAEGA iterations.
@@ -244,7 +257,8 @@ class Coordinator:
                 if self.scheduler._result_archive is not None:
                     self.result_archive.add(**data)
                 inserted = bool(info["status"][0] > 0)
-                greedy["greedy_inserted"] = inserted
+                # Not "greedy_inserted": that key is the cumulative counter.
+                greedy["greedy_inserted_this_iteration"] = inserted
                 self.counters["greedy_inserted"] += int(inserted)
 
         self.counters["iteration"] += 1

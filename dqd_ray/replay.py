@@ -163,8 +163,19 @@ class ReplayBuffer:
         size = int(state["size"])
         if size > self.capacity:
             raise ValueError(f"replay state holds {size} transitions, capacity is {self.capacity}")
-        for k in FIELDS:
-            self._data[k][:size] = state["data"][k]
+        pos = int(state["pos"])
+        saved_capacity = int(state.get("capacity", self.capacity))
+        if saved_capacity == self.capacity:
+            # Same ring layout: sampling continues exactly as before.
+            for k in FIELDS:
+                self._data[k][:size] = state["data"][k]
+            self._pos = pos % self.capacity
+        else:
+            # Another capacity: lay the transitions out oldest first (a full
+            # saved ring starts at its write position), and append after them.
+            shift = pos if size == saved_capacity else 0
+            for k in FIELDS:
+                self._data[k][:size] = np.roll(np.asarray(state["data"][k]), -shift, axis=0)
+            self._pos = size % self.capacity
         self._size = size
-        self._pos = int(state["pos"]) % self.capacity
         self.total_added = int(state["total_added"])

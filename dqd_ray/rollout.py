@@ -126,7 +126,9 @@ class RolloutWorker:
         length = np.zeros(g_count, np.int64)
         valid = np.ones(g_count, bool)
         returned: list[dict] = []
-        sink = self._sink if self._sink is not None else returned.append
+        # Without a sink, chunks are returned (keyed builders call sink(chunk, key=...)).
+        sink = self._sink if self._sink is not None else (
+            lambda chunk, key=None: returned.append(chunk))
         e = self.envs[0]
         dims = (e.observation_space.shape[0], e.action_space.shape[0], 1 + self.measure_dim)
         shared = None

@@ -229,3 +229,64 @@ def test_memory_bytes_matches_preallocation():
               "reward": np.zeros((10, 5), np.float32), "next_obs": np.zeros((10, 28), np.float32),
               "terminated": np.zeros(10, np.float32)})
     assert buf2.memory_bytes == expected  # preallocated: adding does not grow it
+
+
+# -- keyed staging (reproducible ordering in sync mode) ---------------------------------
+
+
+def test_keyed_chunks_commit_in_key_order():
+    buf = ReplayBuffer(OBS, ACT, REW, capacity=100, seed=0)
+    buf.add(chunk(0, 2))
+    # Producers finish in any order; keys fix the order in the buffer.
+    assert buf.add(chunk(20, 3), key=(1, 0)) == 3
+    assert buf.add(chunk(10, 4), key=(0, 1)) == 4
+    assert buf.add(chunk(5, 1), key=(0, 0)) == 1
+    assert len(buf) == 2 and buf.total_added == 2  # staged, not yet visible
+    assert buf.commit() == 8
+    assert len(buf) == 10 and buf.total_added == 10
+    np.testing.assert_array_equal(buf._data["obs"][:10, 0],
+                                  [0, 1, 5, 10, 11, 12, 13, 20, 21, 22])
+    assert buf.commit() == 0  # nothing left staged
+
+
+def test_keyed_add_copies_and_validates():
+    buf = ReplayBuffer(OBS, ACT, REW, capacity=100, seed=0)
+    c = chunk(0, 3)
+    buf.add(c, key=(0,))
+    c["obs"][...] = 999.0
+    with pytest.raises(ValueError, match="already staged"):
+        buf.add(chunk(3, 1), key=(0,))
+    bad = {**chunk(3, 2), "obs": np.zeros((2, OBS), np.int32)}
+    with pytest.raises(ValueError):
+        buf.add(bad, key=(1,))
+    buf.commit()
+    assert len(buf) == 3
+    np.testing.assert_array_equal(buf._data["obs"][:3, 0], [0, 1, 2])
+
+
+def test_seeded_sampling_is_independent_of_the_buffer_rng():
+    buf = ReplayBuffer(OBS, ACT, REW, capacity=50, seed=0)
+    buf.add(chunk(0, 50))
+    a = buf.sample(8, 2, seed=123)
+    buf.sample(8)  # advances the buffer's own RNG only
+    b = buf.sample(8, 2, seed=123)
+    for k in FIELDS:
+        np.testing.assert_array_equal(a[k], b[k])
+    np.testing.assert_array_equal(buf.sample_states(6, seed=5), buf.sample_states(6, seed=5))
+    assert not np.array_equal(buf.sample(8, 2, seed=124)["obs"], a["obs"])
+
+
+@pytest.mark.parametrize("total", [6, 10, 23])  # partial, exactly full, wrapped
+def test_load_into_a_larger_buffer_keeps_chronology(total):
+    buf = ReplayBuffer(OBS, ACT, REW, capacity=10, seed=0)
+    buf.add(chunk(0, total))
+    big = ReplayBuffer(OBS, ACT, REW, capacity=16, seed=0)
+    big.load_state_dict(buf.state_dict())
+    kept = min(total, 10)
+    assert len(big) == kept
+    np.testing.assert_array_equal(big._data["obs"][:kept, 0], np.arange(total - kept, total))
+    # New transitions go after the newest; the oldest are overwritten first.
+    big.add(chunk(total, 9))
+    n = total + 9
+    np.testing.assert_array_equal(stored_ids(big), np.arange(n - min(n - (total - kept), 16), n))
+    assert np.all(big.sample(200)["obs"][..., 0] >= total - kept)  # no empty slots sampled

@@ -1,0 +1,240 @@
+"""The distributed system on a real local Ray (started once per session)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dqd_ray import checkpoint as ckpt
+from dqd_ray.cli import main
+from dqd_ray.config import ConfigError, build_config
+from dqd_ray.runner import Experiment, read_metrics
+
+TINY = [
+    "env.episode_length=50", "algorithm.batch_size=4", "td3.batch_size=32",
+    "td3.critic_hidden_sizes=[32,32]", "td3.train_steps_per_iteration=5",
+    "td3.jacobian_states=32", "td3.learning_starts=32", "td3.replay_capacity=20000",
+    "es.num_samples=4", "resources.num_rollout_workers=2", "resources.envs_per_worker=2",
+    "checkpoint.every=2", "logging.progress_bar=false",
+]
+
+
+def sets(*extra):
+    out = []
+    for s in [*TINY, *extra]:
+        out += ["--set", s]
+    return out
+
+
+@pytest.mark.parametrize("preset", ["cma_mega_td3", "cma_mega_td3_es", "cma_mega_es",
+                                    "cma_maega_td3"])
+def test_run_and_resume_each_preset(ray_session, tmp_path, preset):
+    out = tmp_path / "run"
+    assert main(["run", "--preset", preset, "--out", str(out), *sets("iterations=3")]) == 0
+    metrics = read_metrics(out)
+    assert [m["iteration"] for m in metrics] == [1, 2, 3]
+    for m in metrics:
+        for key in ("qd_score", "coverage", "num_elites", "evaluations", "env_steps",
+                    "env_steps_per_s", "evaluations_per_s", "critic_updates_per_s",
+                    "time_rollout_s", "time_gradient_s", "time_coordinator_s"):
+            assert key in m, key
+    assert metrics[-1]["num_elites"] > metrics[0]["num_elites"] > 0
+    assert metrics[-1]["evaluations"] > metrics[0]["evaluations"]
+    names = [p.name for p in ckpt.list_checkpoints(out / "checkpoints")]
+    assert names == ["ckpt_0000002", "ckpt_0000003"]  # every 2, and at the end
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final"]["iteration"] == 3
+    assert (out / "config.yaml").exists() and (out / "archive.png").exists()
+
+    assert main(["resume", str(out), "--set", "iterations=4"]) == 0
+    metrics = read_metrics(out)
+    assert [m["iteration"] for m in metrics] == [1, 2, 3, 4]
+    assert metrics[3]["evaluations"] > metrics[2]["evaluations"]
+    assert metrics[3]["num_elites"] >= metrics[2]["num_elites"]
+
+
+def _tiny_cfg(*extra):
+    return build_config("cma_mega_td3", sets=[*TINY, "resources.learner_mode=sync", *extra])
+
+
+def test_actors_match_in_process_in_sync_mode(ray_session, tmp_path):
+    from dqd_ray.graph import RaySystem
+    from dqd_ray.inprocess import InProcessSystem
+
+    cfg = _tiny_cfg()
+    ray_sys = RaySystem(cfg, torch_threads=1)
+    ray_metrics = [ray_sys.iteration() for _ in range(3)]
+    ray_archive = ray_sys.archive()
+    ray_sys.close()
+    local = InProcessSystem(cfg, torch_threads=1)
+    local_metrics = [local.iteration() for _ in range(3)]
+    local_archive = local.archive()
+    local.close()
+    for a, b in zip(ray_metrics, local_metrics):
+        assert a["qd_score"] == b["qd_score"]
+        assert a["env_steps"] == b["env_steps"]
+    assert "critic_loss" in ray_metrics[-1]
+    assert ray_metrics[-1]["critic_loss"] == pytest.approx(local_metrics[-1]["critic_loss"])
+    order_r, order_l = np.argsort(ray_archive["index"]), np.argsort(local_archive["index"])
+    np.testing.assert_array_equal(ray_archive["index"][order_r], local_archive["index"][order_l])
+    np.testing.assert_array_equal(ray_archive["objective"][order_r],
+                                  local_archive["objective"][order_l])
+    np.testing.assert_array_equal(ray_archive["solution"][order_r],
+                                  local_archive["solution"][order_l])
+
+
+def test_sync_resume_continues_exactly(ray_session, tmp_path):
+    cfg = _tiny_cfg("iterations=4")
+    full = Experiment.create(cfg, tmp_path / "full")
+    full.run()
+    part = Experiment.create(_tiny_cfg("iterations=2"), tmp_path / "part")
+    part.run()
+    Experiment.resume(tmp_path / "part", ["iterations=4"]).run()
+    a, b = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "part")
+    assert [m["iteration"] for m in b] == [1, 2, 3, 4]
+    for ma, mb in zip(a, b):
+        for key in ("qd_score", "num_elites", "env_steps", "evaluations"):
+            assert ma[key] == mb[key], (ma["iteration"], key)
+        assert ma.get("critic_loss") == pytest.approx(mb.get("critic_loss"))
+
+
+def test_killed_rollout_worker_loses_and_duplicates_nothing(ray_session):
+    import ray
+
+    from dqd_ray.graph import RaySystem
+    from dqd_ray.policy import PolicySpec
+
+    cfg = _tiny_cfg("env.id=QDHalfCheetahBulletEnv-v0", "env.episode_length=1000",
+                    "resources.envs_per_worker=1")
+    system = RaySystem(cfg)
+    ev = system.graph.evaluator
+    ev.chunk = 1
+    spec = PolicySpec.from_config(cfg.env.id, cfg.policy)
+    rng = np.random.default_rng(0)
+    genomes = np.stack([spec.init_genome(rng) for _ in range(24)])
+    seeds = np.arange(24)
+    reference = ev.evaluate(genomes, seeds)
+
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(ev.evaluate(genomes, seeds)))
+    thread.start()
+    time.sleep(0.5)
+    assert thread.is_alive(), "the evaluation finished before the kill: make it longer"
+    ray.kill(system.graph.workers[0], no_restart=False)
+    thread.join(timeout=300)
+    assert result, "evaluation did not finish after the worker was killed"
+    assert result["valid"].all()
+    np.testing.assert_array_equal(result["fitness"], reference["fitness"])
+    np.testing.assert_array_equal(result["length"], np.full(24, 1000))
+    assert result["env_steps"] == reference["env_steps"] == 24 * 1000
+    # The restarted worker is usable again.
+    again = ev.evaluate(genomes[:4], seeds[:4])
+    np.testing.assert_array_equal(again["fitness"], reference["fitness"][:4])
+    system.close()
+
+
+def test_replay_actor_many_concurrent_producers(ray_session):
+    import ray
+
+    from dqd_ray.replay import ReplayBuffer
+
+    capacity = 50_000
+    replay = ray.remote(num_cpus=0)(ReplayBuffer).remote(3, 2, 2, capacity, seed=0)
+
+    @ray.remote(num_cpus=0)
+    def produce(replay, producer: int, chunks: int, size: int):
+        from dqd_ray.graph import ReplaySink
+
+        sink = ReplaySink(replay, max_in_flight=2)
+        for c in range(chunks):
+            ids = producer * 1_000_000 + c * size + np.arange(size)
+            sink({"obs": np.repeat(ids[:, None], 3, 1).astype(np.float32),
+                  "action": np.zeros((size, 2), np.float32),
+                  "reward": np.zeros((size, 2), np.float32),
+                  "next_obs": np.zeros((size, 3), np.float32),
+                  "terminated": np.zeros(size, np.float32)})
+        sink.drain()
+        return chunks * size
+
+    sent = sum(ray.get([produce.remote(replay, p, 10, 500) for p in range(8)]))
+    stats = ray.get(replay.stats.remote())
+    assert sent == stats["size"] == stats["total_added"] == 40_000
+    data = ray.get(replay.state_dict.remote())["data"]["obs"][:, 0]
+    assert len(np.unique(data)) == 40_000  # nothing lost, nothing duplicated
+    assert stats["memory_bytes"] == capacity * 4 * (3 + 2 + 2 + 3 + 1)
+    # Past capacity: memory stays fixed, the newest transitions are kept.
+    ray.get([produce.remote(replay, p, 10, 500) for p in range(8, 12)])
+    stats = ray.get(replay.stats.remote())
+    assert stats["size"] == capacity and stats["memory_bytes"] == capacity * 4 * 11
+
+
+def test_config_error_before_ray_starts(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "dqd_ray.cli", "run", "--out", str(tmp_path / "x"),
+         "--set", "td3.bach_size=3"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "td3.bach_size" in proc.stderr and "unknown key" in proc.stderr
+    assert "Started a local Ray" not in proc.stdout + proc.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_gpu_fallback_and_strict(ray_session):
+    from dqd_ray.graph import GPUUnavailableError, resolve_resources
+
+    n, gpus = resolve_resources(_tiny_cfg("resources.num_gpus_per_learner=1"))
+    assert gpus == 0.0 and n == 2
+    with pytest.raises(GPUUnavailableError, match="strict_gpu"):
+        resolve_resources(_tiny_cfg("resources.num_gpus_per_learner=1",
+                                    "resources.strict_gpu=true"))
+
+
+def test_resume_refuses_conflicts_and_skips_broken_checkpoints(ray_session, tmp_path):
+    out = tmp_path / "run"
+    assert main(["run", "--preset", "cma_mega_td3", "--out", str(out),
+                 *sets("iterations=4", "resources.learner_mode=sync")]) == 0
+    with pytest.raises(ConfigError, match=r"td3.gamma: run has 0.99, requested 0.5"):
+        Experiment.resume(out, ["td3.gamma=0.5"])
+    assert main(["resume", str(out), "--set", "env.episode_length=20"]) == 2
+    # Corrupt the newest checkpoint: the previous one is used, with a warning.
+    newest = ckpt.list_checkpoints(out / "checkpoints")[-1]
+    blob = (newest / "coordinator.pkl").read_bytes()
+    (newest / "coordinator.pkl").write_bytes(blob[: len(blob) // 2])
+    with pytest.warns(UserWarning, match="corrupted"):
+        path, manifest = ckpt.latest_valid(out / "checkpoints")
+    assert manifest["iteration"] == 2
+    # A half-written one (no manifest) is never picked either.
+    (out / "checkpoints" / "ckpt_0000009").mkdir()
+    with pytest.warns(UserWarning):
+        assert ckpt.latest_valid(out / "checkpoints")[1]["iteration"] == 2
+    (out / "checkpoints" / "ckpt_0000009").rmdir()
+    with pytest.warns(UserWarning):
+        Experiment.resume(out, ["iterations=5"]).run()
+    metrics = read_metrics(out)
+    assert [m["iteration"] for m in metrics][-3:] == [3, 4, 5]
+    # A checkpoint from another format version is refused by name.
+    newest = ckpt.list_checkpoints(out / "checkpoints")[-1]
+    manifest = json.loads((newest / "manifest.json").read_text())
+    manifest["format_version"] = 99
+    (newest / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ckpt.CheckpointError, match="format version 99"):
+        Experiment.resume(out, ["iterations=6"])
+
+
+def test_wandb_offline_run(ray_session, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    out = tmp_path / "run"
+    assert main(["run", "--preset", "cma_mega_td3", "--out", str(out),
+                 *sets("iterations=2", "logging.wandb=true", "logging.heatmap_every=1")]) == 0
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    assert list(runs[0].glob("*.wandb"))  # the offline log `wandb sync` uploads
+    files = {p.name for p in Path(runs[0], "files").rglob("*")}
+    assert any(name.endswith(".png") for name in files)  # the archive heatmap
