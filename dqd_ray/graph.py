@@ -221,10 +221,17 @@ def resolve_resources(cfg: ExperimentConfig) -> tuple[int, float]:
         log.warning("%s: using CPU learners instead", msg)
         print(f"warning: {msg}; using CPU learners instead")
         gpus = 0.0
+    learner_cpus = 0 if gpus > 0 else cfg.resources.num_learners
     n = cfg.resources.num_rollout_workers
     if n is None:
-        learner_cpus = 0 if gpus > 0 else cfg.resources.num_learners
         n = max(1, int(res.get("CPU", 1)) - learner_cpus)
+    need, have = n + learner_cpus, res.get("CPU", 0)
+    if need > have:
+        msg = (f"the graph needs {need} CPUs ({n} rollout workers + {learner_cpus} CPU "
+               f"learners) but the cluster has {have:g}: actors will wait until an autoscaler "
+               "adds nodes; lower resources.num_rollout_workers or resources.num_learners")
+        log.warning(msg)
+        print(f"warning: {msg}")
     return n, gpus
 
 

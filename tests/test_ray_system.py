@@ -238,3 +238,24 @@ def test_wandb_offline_run(ray_session, tmp_path, monkeypatch):
     assert list(runs[0].glob("*.wandb"))  # the offline log `wandb sync` uploads
     files = {p.name for p in Path(runs[0], "files").rglob("*")}
     assert any(name.endswith(".png") for name in files)  # the archive heatmap
+
+
+def test_several_learners_split_the_critics(ray_session):
+    from dqd_ray.graph import LearnerGroup, RaySystem
+    from dqd_ray.policy import PolicySpec
+
+    cfg = _tiny_cfg("resources.num_learners=3", "resources.num_rollout_workers=1")
+    system = RaySystem(cfg)
+    assert system.graph.learner_objectives == [[0, 1], [2, 3], [4]]
+    metrics = [system.iteration() for _ in range(2)]
+    assert len(metrics[-1]["critic_loss_per_objective"]) == 5
+    assert all(np.isfinite(metrics[-1]["critic_loss_per_objective"]))
+    group = LearnerGroup(system.graph.learners, system.graph.learner_objectives)
+    spec = PolicySpec.from_config(cfg.env.id, cfg.policy)
+    genomes = np.stack([spec.init_genome(np.random.default_rng(i)) for i in range(3)])
+    jac = group.jacobian(genomes)
+    assert jac.shape == (3, 5, spec.genome_dim) and np.isfinite(jac).all()
+    assert (np.linalg.norm(jac, axis=2) > 0).all()
+    greedy = group.greedy_genome()
+    assert greedy.shape == (spec.genome_dim,)
+    system.close()
