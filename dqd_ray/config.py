@@ -287,7 +287,9 @@ def build_config(
         data = _merge(data, parse_set(item))
     if overrides:
         data = _merge(data, overrides)
-    preset = preset or data.get("preset")
+    if preset is not None:
+        data["preset"] = preset  # an explicit preset wins over the file's label
+    preset = data.get("preset")
     base: dict[str, Any] = {}
     if preset is not None:
         if preset not in PRESETS:

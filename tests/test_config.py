@@ -207,3 +207,13 @@ def test_validate_assignment():
     with pytest.raises(ValueError):
         cfg.td3.batch_size = -3
     assert cfg.td3.batch_size == 256
+
+
+def test_explicit_preset_wins_over_file_label(tmp_path):
+    from dqd_ray.config import build_config
+
+    f = tmp_path / "c.yaml"
+    f.write_text("preset: cma_mega_es\nseed: 3\n")
+    cfg = build_config("cma_mega_td3", file=f)
+    assert cfg.preset == "cma_mega_td3" and cfg.algorithm.gradients == "td3" and cfg.seed == 3
+    assert build_config(file=f).algorithm.gradients == "es"
