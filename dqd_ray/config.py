@@ -166,6 +166,9 @@ class ResourcesConfig(_Strict):
         "async", description="sync: fixed updates per iteration (reproducible)."
     )
     chunk_size: int = Field(1000, gt=0, description="Transitions per replay add.")
+    torch_threads: int | None = Field(
+        None, gt=0, description="Torch intra-op threads per learner (None: torch's default)."
+    )
 
 
 class LoggingConfig(_Strict):

@@ -67,6 +67,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 
 
 def make_system(cfg: ExperimentConfig, backend: Backend, torch_threads: int | None = None):
+    torch_threads = torch_threads or cfg.resources.torch_threads
     if backend == "inprocess":
         from dqd_ray.inprocess import InProcessSystem
 
