@@ -100,7 +100,6 @@ class RayEvaluator:
     def __init__(self, workers: list, replay, chunk: int = 4, keyed: bool = False):
         self.workers, self.replay, self.chunk, self.keyed = list(workers), replay, chunk, keyed
         self.calls = 0
-        self.idle_s = 0.0
 
     def evaluate(self, genomes: np.ndarray, seeds: np.ndarray) -> dict:
         genomes = np.ascontiguousarray(genomes, np.float32)

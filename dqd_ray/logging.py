@@ -23,7 +23,14 @@ def _clean(v: Any):
     return v
 
 
-class JsonlSink:
+class Sink:
+    """A metric sink; ``wants_archive`` says when ``log`` should get the archive."""
+
+    def wants_archive(self, iteration: int) -> bool:
+        return False
+
+
+class JsonlSink(Sink):
     def __init__(self, path: Path):
         self.path = path
         self.f = open(path, "a", buffering=1)
@@ -35,7 +42,7 @@ class JsonlSink:
         self.f.close()
 
 
-class ProgressSink:
+class ProgressSink(Sink):
     def __init__(self, total: int, initial: int = 0, enabled: bool = True):
         self.bar = tqdm(total=total, initial=initial, disable=not enabled, unit="it",
                         dynamic_ncols=True)
@@ -59,7 +66,7 @@ def wandb_mode() -> str:
     return "online" if os.environ.get("WANDB_API_KEY") else "offline"
 
 
-class WandbSink:
+class WandbSink(Sink):
     """One wandb run per experiment; heatmaps every ``heatmap_every`` iterations."""
 
     def __init__(self, run_dir: Path, cfg, run_id: str, dims, names, resume: bool = False):
@@ -75,11 +82,14 @@ class WandbSink:
         )
         self.run_dir = Path(self.run.dir).parent if self.run is not None else None
 
+    def wants_archive(self, iteration: int) -> bool:
+        return iteration % self.every == 0 or iteration == 1
+
     def log(self, metrics: dict, archive=None) -> None:
         data = {k: v for k, v in _clean(metrics).items()
                 if isinstance(v, (int, float)) and not isinstance(v, bool)}
         it = int(metrics["iteration"])
-        if archive is not None and (it % self.every == 0 or it == 1):
+        if archive is not None and self.wants_archive(it):
             from dqd_ray.viz import heatmap
 
             fig = heatmap(archive, self.dims, names=self.names, title=f"iteration {it}")

@@ -25,8 +25,6 @@ import uuid
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from dqd_ray import checkpoint as ckpt
 from dqd_ray.config import ConfigError, ExperimentConfig, build_config, to_yaml
 from dqd_ray.envs import env_metadata
@@ -184,7 +182,8 @@ class Experiment:
                 m.update(self._throughput(m, dt, prev, now))
                 prev = now
                 m["wall_s"] = self.wall_s
-                archive = system.archive() if cfg.logging.wandb else None
+                wanted = any(s.wants_archive(m["iteration"]) for s in sinks)
+                archive = system.archive() if wanted else None
                 for s in sinks:
                     s.log(m, archive)
                 last = m
@@ -242,6 +241,3 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
-
-def load_run_config(run_dir: str | Path) -> ExperimentConfig:
-    return ExperimentConfig.model_validate(yaml.safe_load((Path(run_dir) / "config.yaml").read_text()))

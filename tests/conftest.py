@@ -20,3 +20,15 @@ def ray_session():
                  configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny torch ops: one thread. On a busy 2-core machine torch's default
+    thread pool makes each critic update tens of times slower."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -7,7 +7,6 @@ import itertools
 
 import numpy as np
 import pytest
-import torch
 
 from dqd_ray.bench.sphere import DomainEvaluator, make_coordinator, run_map_elites
 from dqd_ray.config import AlgorithmConfig, build_config
@@ -19,14 +18,7 @@ from dqd_ray.policy import PolicySpec
 from dqd_ray.rollout import RolloutWorker
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny torch ops: one thread. On a busy 2-core machine torch's default
-    thread pool makes each critic update tens of times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 TIMING_KEYS = ("rollout_s", "gradient_s", "train_s", "iteration_s")
@@ -275,6 +267,14 @@ def test_missing_gradient_source_rejected():
 
 # -- in process, real physics ------------------------------------------------------
 
+def run_in_process(cfg, iterations):
+    system = InProcessSystem(cfg)
+    try:
+        return system, [system.iteration() for _ in range(iterations)]
+    finally:
+        system.close()
+
+
 SMALL = ["env.episode_length=100", "algorithm.batch_size=8",
          "td3.train_steps_per_iteration=20", "td3.batch_size=64", "td3.replay_capacity=20000",
          "resources.envs_per_worker=4", "td3.jacobian_states=64"]
@@ -282,11 +282,7 @@ SMALL = ["env.episode_length=100", "algorithm.batch_size=8",
 
 def test_in_process_cma_mega_td3_on_ant():
     cfg = build_config("cma_mega_td3", sets=SMALL)
-    system = InProcessSystem(cfg)
-    try:
-        history = [system.iteration() for _ in range(6)]
-    finally:
-        system.close()
+    system, history = run_in_process(cfg, 6)
     first, last = history[0], history[-1]
     assert last["iteration"] == 6
     assert last["num_elites"] > first["num_elites"] > 0
@@ -318,11 +314,7 @@ def test_in_process_cma_mega_td3_on_ant():
 @pytest.mark.parametrize("preset", ["cma_mega_td3_es", "cma_mega_es"])
 def test_in_process_es_presets_smoke(preset):
     cfg = build_config(preset, sets=SMALL + ["es.num_samples=10"])
-    system = InProcessSystem(cfg)
-    try:
-        history = [system.iteration() for _ in range(2)]
-    finally:
-        system.close()
+    system, history = run_in_process(cfg, 2)
     last = history[-1]
     coord = system.coordinator
     if preset == "cma_mega_es":
@@ -339,11 +331,7 @@ def test_in_process_es_presets_smoke(preset):
 
 def test_in_process_cma_maega_smoke():
     cfg = build_config("cma_maega_td3", sets=SMALL)
-    system = InProcessSystem(cfg)
-    try:
-        history = [system.iteration() for _ in range(2)]
-    finally:
-        system.close()
+    system, history = run_in_process(cfg, 2)
     coord = system.coordinator
     assert coord.archive.learning_rate < 1
     assert coord.archive.learning_rate == pytest.approx(cfg.algorithm.archive_learning_rate)

@@ -15,14 +15,7 @@ from dqd_ray.policy import PolicySpec
 from dqd_ray.td3 import TD3Ensemble
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny torch ops: one thread. On a busy 2-core machine torch's default
-    thread pool makes each critic update tens of times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 OBS, ACT = 3, 2

@@ -311,7 +311,7 @@ class QDLocomotionEnv(gym.Env):
             return None
         if self._robot is None:
             raise RuntimeError("render() needs reset() first")
-        r, kw = self._robot, {"physicsClientId": self._robot.client}
+        kw = {"physicsClientId": self._robot.client}
         x, y = getattr(self, "_body_xy", (0.0, 0.0))
         width, height = self.render_size
         view = pybullet.computeViewMatrixFromYawPitchRoll(
