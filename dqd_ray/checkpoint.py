@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: one target-noise stream per TD3 agent
 MANIFEST = "manifest.json"
 
 

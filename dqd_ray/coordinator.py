@@ -193,7 +193,16 @@ class Coordinator:
         return np.stack([self.es.estimate(eps[i], values[i * n:(i + 1) * n])
                          for i in range(len(thetas))])
 
-    def _jacobian(self, thetas: np.ndarray) -> np.ndarray:
+    def jacobian(self, thetas: np.ndarray) -> np.ndarray:
+        """The gradient rows an iteration tells the emitters, before normalization.
+
+        Row 0 is fitness, row j the j-th measure, each uphill; rows come from
+        the learner, the ES estimate (evaluating the perturbed points), or the
+        exact jacobian, as configured. Non-finite rows are zeroed and counted.
+
+        Returns:
+            ``(len(thetas), 1 + k, D)`` float64.
+        """
         if self.exact_jacobian is not None:
             jac = np.asarray(self.exact_jacobian(thetas), np.float64)
         else:
@@ -227,7 +236,7 @@ class Coordinator:
         out = self._evaluate(thetas)
         timings["rollout_s"] += time.perf_counter() - t
         t = time.perf_counter()
-        jac = self._jacobian(thetas)
+        jac = self.jacobian(thetas)
         timings["gradient_s"] += time.perf_counter() - t
         norms = np.linalg.norm(jac, axis=2)  # before the emitter normalizes in place
         obj, meas = self._finite_data(out)

@@ -258,13 +258,12 @@ def build_graph(cfg: ExperimentConfig, *, torch_threads: int | None = None) -> G
         num_cpus=0 if gpus > 0 else 1, num_gpus=gpus,
         concurrency_groups={"train": 1, "grad": 1},
     )(Learner)
-    learner_seeds = seeds.learners.spawn(max(1, len(splits)))
     learners = [
         learner_cls.remote(spec, 1 + meta.measure_dim, cfg.td3, ReplaySampler(replay),
                            device="auto" if gpus > 0 else "cpu",
-                           seed=Seeds.to_int(learner_seeds[i]), objectives=objs,
+                           seed=Seeds.to_int(seeds.learners), objectives=objs,
                            torch_threads=torch_threads)
-        for i, objs in enumerate(splits)
+        for objs in splits
     ]
     chunk = max(1, min(cfg.resources.envs_per_worker, 8))
     evaluator = RayEvaluator(workers, replay, chunk=chunk, keyed=sync)

@@ -1,7 +1,9 @@
 """The whole CMA-MEGA loop in one process: for debugging and for tests.
 
 Builds the same roles the Ray graph builds (rollout worker, replay buffer,
-learner, coordinator) as plain objects, wired directly.
+learner, coordinator) as plain objects, wired directly. In async learner mode
+the learner trains in a background thread of this process, as the learner
+actor does under Ray.
 """
 
 from __future__ import annotations
@@ -93,8 +95,9 @@ class InProcessSystem:
         if objectives:
             self.learner = Learner(self.spec, 1 + meta.measure_dim, cfg.td3, self.replay,
                                    device=pick_device(cfg.resources.num_gpus_per_learner),
-                                   seed=Seeds.to_int(seeds.learners.spawn(1)[0]),
+                                   seed=Seeds.to_int(seeds.learners),
                                    objectives=objectives, torch_threads=torch_threads)
+        self.sync = cfg.resources.learner_mode == "sync"
         es = None
         if cfg.uses_es:
             es = ESGradient(cfg.es.sigma, cfg.es.num_samples, seed=Seeds.to_int(seeds.es))
@@ -105,14 +108,27 @@ class InProcessSystem:
             evaluator=WorkerEvaluator(self.worker, self.replay, keyed=True),
             learner=self.learner,
             learner_rows=objectives if self.learner else None, es=es,
-            td3_updates=cfg.td3.train_steps_per_iteration, seed=Seeds.to_int(seeds.coordinator),
+            td3_updates=cfg.td3.train_steps_per_iteration if self.sync else 0,
+            seed=Seeds.to_int(seeds.coordinator),
         )
 
     def iteration(self) -> dict:
-        return self.coordinator.iteration()
+        m = self.coordinator.iteration()
+        if self.learner is not None and not self.sync:
+            st = self.learner.stats()  # raises if background training failed
+            for key in ("critic_loss", "actor_loss"):
+                if key in st:
+                    vals = np.asarray(st[key], np.float64)
+                    m[key] = float(np.nanmean(vals)) if np.isfinite(vals).any() else None
+                    m[f"{key}_per_objective"] = vals.tolist()
+        return m
 
     def close(self) -> None:
-        self.worker.close()
+        try:
+            if self.learner is not None:
+                self.learner.stop_async()
+        finally:
+            self.worker.close()
 
     # -- the interface the runner uses (shared with graph.RaySystem) -----------
 
@@ -138,10 +154,12 @@ class InProcessSystem:
         return self.coordinator.archive_arrays()
 
     def system_stats(self) -> dict:
-        learner = {"updates": self.learner.ensemble.updates} if self.learner else {}
+        learner = self.learner.stats() if self.learner else {}
         return {"critic_updates": learner.get("updates", 0),
                 "worker_busy_s": self.worker.busy_s, "num_rollout_workers": 1,
                 "replay_size": len(self.replay)}
 
     def start(self) -> None:
-        pass
+        """Async mode: the learner trains in a background thread from now on."""
+        if self.learner is not None and not self.sync:
+            self.learner.start_async()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Callable
 
 import numpy as np
 import torch
@@ -39,7 +40,11 @@ class Learner:
         td3_cfg: :class:`dqd_ray.config.TD3Config`.
         sampler: Replay sampler (see module docstring).
         device: Torch device, or ``"auto"`` (cuda if visible, else cpu).
-        seed: Initialization and sampling seed.
+        seed: Initialization and sampling seed. Learners that split the
+            critics of one run share it: each agent is initialized from
+            (seed, objective), and all learners draw the same batches and
+            gradient states, so in sync mode a split group computes exactly
+            what one learner would.
         objectives: Objectives owned by this learner (default: all).
         torch_threads: Intra-op threads for torch (None keeps the default).
     """
@@ -110,7 +115,7 @@ class Learner:
                     continue
                 if pending is None:
                     pending = self._pull(batches_per_pull)
-                batches = pending.get() if hasattr(pending, "get") else pending
+                batches = pending()
                 pending = self._pull(batches_per_pull)  # prefetch the next chunk
                 for i in range(len(batches["obs"])):
                     if self._stop.is_set():
@@ -119,12 +124,18 @@ class Learner:
         except BaseException as err:  # surfaced by stats()
             self._error = err
 
-    def _pull(self, n: int):
+    def _pull(self, n: int) -> Callable[[], dict]:
+        """Starts fetching ``n`` batches; the returned callable gives them.
+
+        A sampler with ``sample_async`` (the replay actor's adapter) returns a
+        future with ``get()``; a plain sampler (an in-process buffer) samples now.
+        """
         fn = getattr(self.sampler, "sample_async", None)
         seed = self._seed()
         if fn is not None:
-            return fn(self.cfg.batch_size, n, seed)
-        return self.sampler.sample(self.cfg.batch_size, n, seed)
+            return fn(self.cfg.batch_size, n, seed).get
+        batches = self.sampler.sample(self.cfg.batch_size, n, seed)
+        return lambda: batches
 
     def stop_async(self) -> None:
         if self._thread is not None:
@@ -133,6 +144,11 @@ class Learner:
             self._thread = None
 
     def stats(self) -> dict:
+        """Update count, busy time and last losses.
+
+        Raises:
+            RuntimeError: If background training failed (with its cause).
+        """
         if self._error is not None:
             raise RuntimeError(f"background training failed: {self._error!r}") from self._error
         out = {"updates": self.ensemble.updates, "busy_s": self.busy_s,

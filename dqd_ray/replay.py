@@ -2,14 +2,27 @@
 
 A transition is (obs, action, reward vector [fitness, measure 1..k], next obs,
 terminated). ``add`` copies what it is given, so the buffer never keeps a
-reference to a caller's (or Ray object store's) array.
+reference to a caller's (or Ray object store's) array. Every method holds one
+lock, so producers and a learner's background thread may share a buffer in
+one process.
 """
 
 from __future__ import annotations
 
+import functools
+import threading
+
 import numpy as np
 
 FIELDS = ("obs", "action", "reward", "next_obs", "terminated")
+
+
+def _locked(method):
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return wrapper
 
 
 class ReplayBuffer:
@@ -39,6 +52,7 @@ class ReplayBuffer:
         self.total_added = 0
         self._staged: dict[tuple, dict] = {}
         self._rng = np.random.default_rng(seed)
+        self._lock = threading.RLock()
 
     def __len__(self) -> int:
         return self._size
@@ -72,6 +86,7 @@ class ReplayBuffer:
                 raise ValueError(f"chunk[{k!r}] has {a.shape[0]} rows, other fields have {n}")
         return int(n)
 
+    @_locked
     def add(self, chunk: dict, key: tuple | None = None) -> int:
         """Copies a chunk of transitions in; returns how many were received.
 
@@ -92,6 +107,7 @@ class ReplayBuffer:
             return n
         return self._append(chunk, n)
 
+    @_locked
     def commit(self) -> int:
         """Appends every staged chunk in key order; returns transitions appended."""
         total = 0
@@ -118,6 +134,7 @@ class ReplayBuffer:
     def _gen(self, seed: int | None) -> np.random.Generator:
         return self._rng if seed is None else np.random.default_rng(seed)
 
+    @_locked
     def sample(self, batch_size: int, num_batches: int = 1,
                seed: int | None = None) -> dict[str, np.ndarray]:
         """Uniform samples: arrays of shape ``(num_batches, batch_size, ...)``.
@@ -136,6 +153,7 @@ class ReplayBuffer:
         idx = self._gen(seed).integers(0, self._size, size=(num_batches, batch_size))
         return {k: v[idx] for k, v in self._data.items()}
 
+    @_locked
     def sample_states(self, n: int, seed: int | None = None) -> np.ndarray:
         if self._size == 0:
             raise ValueError("cannot sample from an empty replay buffer")
@@ -145,6 +163,7 @@ class ReplayBuffer:
         return {"size": self._size, "capacity": self.capacity, "total_added": self.total_added,
                 "memory_bytes": self.memory_bytes}
 
+    @_locked
     def state_dict(self, include_data: bool = True) -> dict:
         state = {"pos": self._pos, "size": self._size, "total_added": self.total_added,
                  "rng": self._rng.bit_generator.state, "capacity": self.capacity,
@@ -153,6 +172,7 @@ class ReplayBuffer:
             state["data"] = {k: v[: self._size].copy() for k, v in self._data.items()}
         return state
 
+    @_locked
     def load_state_dict(self, state: dict) -> None:
         if tuple(state["shapes"]) != (self.obs_dim, self.act_dim, self.reward_dim):
             raise ValueError(f"replay state has shapes {state['shapes']}, buffer has "

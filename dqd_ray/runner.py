@@ -3,8 +3,13 @@
 Validates the config before Ray starts, builds the system (Ray actor graph,
 or everything in process with ``backend="inprocess"``), loops over
 iterations until the budget, writes metrics (progress bar, metrics.jsonl,
-wandb) and checkpoints, and shuts down cleanly, also on Ctrl-C (the last
-completed iteration is checkpointed first).
+wandb) and checkpoints, and shuts down cleanly.
+
+Stopping: the first Ctrl-C (SIGINT) or SIGTERM (``ray job stop``, cluster
+schedulers) lets the running iteration finish, then checkpoints it under its
+own number and exits: the run resumes exactly where it stopped. A second
+signal stops at once, without checkpointing the unfinished iteration (the
+last checkpoint written stays the resume point).
 
 Run directory::
 
@@ -20,10 +25,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 from dqd_ray import checkpoint as ckpt
 from dqd_ray.config import ConfigError, ExperimentConfig, build_config, to_yaml
@@ -62,6 +69,42 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         ray.init(address=address, log_to_driver=True)
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+
+
+class GracefulStop:
+    """Turns SIGINT/SIGTERM into a stop request checked between iterations.
+
+    The first signal only sets :attr:`requested` (nothing is interrupted, so
+    no role is left half-way through an iteration); the second raises
+    ``KeyboardInterrupt`` for an immediate stop. Handlers are installed only
+    in the main thread (elsewhere, e.g. inside a Tune trial, the caller stops
+    the loop) and restored on exit.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.requested: str | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "GracefulStop":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.requested is not None:
+            raise KeyboardInterrupt(f"second stop signal ({name})")
+        self.requested = name
+        print(f"\n{name}: stopping after the running iteration completes and checkpointing "
+              "it; send it again to stop at once (the unfinished iteration is then lost)",
+              flush=True)
 
 
 def make_system(cfg: ExperimentConfig, backend: Backend, torch_threads: int | None = None):
@@ -145,7 +188,13 @@ class Experiment:
         return ckpt.save_checkpoint(self.run_dir / "checkpoints", iteration, state,
                                     self.cfg.model_dump(mode="json"), keep=self.cfg.checkpoint.keep)
 
-    def run(self) -> dict:
+    def run(self, sinks: Sequence = ()) -> dict:
+        """Iterates until the budget or a stop signal; returns the summary.
+
+        Args:
+            sinks: Extra metric sinks (``log(metrics, archive)``,
+                ``wants_archive(iteration)``, ``close()``), after the built-in ones.
+        """
         cfg = self.cfg
         if self.backend == "ray":
             init_ray(self.address, self.num_cpus)
@@ -158,22 +207,27 @@ class Experiment:
             start_iter = int(manifest["iteration"])
             self.wall_s = float(state["extra"].get("wall_s", 0.0))
             print(f"resumed from {path} (iteration {start_iter})")
-        sinks: list = [JsonlSink(self.run_dir / "metrics.jsonl"),
-                       ProgressSink(cfg.iterations, start_iter, cfg.logging.progress_bar)]
+        self._truncate_metrics(start_iter)
+        extra_sinks = list(sinks)
+        sinks = [JsonlSink(self.run_dir / "metrics.jsonl"),
+                 ProgressSink(cfg.iterations, start_iter, cfg.logging.progress_bar)]
         dims = cfg.env.resolved_dims()
         if cfg.logging.wandb:
             run_id = (self.run_dir / "run_id").read_text().strip()
             sinks.append(WandbSink(self.run_dir, cfg, run_id, dims, self.meta.measure_names,
                                    resume=self.resume_state is not None))
+        sinks += extra_sinks
         last: dict | None = None
         if start_iter >= cfg.iterations:
             last = {"iteration": start_iter, "evaluations": 0}
         saved_at = start_iter
-        interrupted = False
-        system.start()
-        prev = system.system_stats()
+        interrupted = hard_stop = False
+        stop = GracefulStop()
         try:
-            while self._budget_left(last):
+            stop.__enter__()
+            system.start()
+            prev = system.system_stats()
+            while self._budget_left(last) and stop.requested is None:
                 t0 = time.perf_counter()
                 m = system.iteration()
                 dt = time.perf_counter() - t0
@@ -191,18 +245,43 @@ class Experiment:
                     self._save(system, m["iteration"])
                     saved_at = m["iteration"]
         except KeyboardInterrupt:
-            interrupted = True
-            print("\ninterrupted: writing a checkpoint of the last completed iteration")
+            # A second signal (or Ctrl-C where no handler could be installed):
+            # an iteration may be half done, so its state is not saved.
+            interrupted = hard_stop = True
+            print(f"\nstopped at once; resume point: the checkpoint of iteration {saved_at}"
+                  if saved_at else "\nstopped at once; no checkpoint was written yet",
+                  flush=True)
         finally:
+            interrupted = interrupted or stop.requested is not None
             try:
-                if last is not None and last["iteration"] != saved_at and "qd_score" in last:
+                if (not hard_stop and last is not None and last["iteration"] != saved_at
+                        and "qd_score" in last):
                     self._save(system, last["iteration"])
+                    saved_at = last["iteration"]
+                    if interrupted:
+                        print(f"checkpointed iteration {saved_at}; continue with "
+                              f"`dqd-ray resume {self.run_dir}`", flush=True)
                 summary = self._summary(system, last, interrupted)
             finally:
+                stop.__exit__()
                 for s in sinks:
                     s.close()
                 system.close()
         return summary
+
+    def _truncate_metrics(self, start_iter: int) -> None:
+        """Drops metric lines past the resume point (an abandoned continuation)."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.exists():
+            return
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+        past = [json.loads(ln).get("iteration", 0) > start_iter for ln in lines]
+        if any(past):
+            keep = [ln for ln, p in zip(lines, past) if not p]
+            dropped = [ln for ln, p in zip(lines, past) if p]
+            with open(self.run_dir / "metrics.abandoned.jsonl", "a") as f:
+                f.write("\n".join(dropped) + "\n")
+            path.write_text("".join(ln + "\n" for ln in keep))
 
     def _throughput(self, m: dict, dt: float, prev: dict, now: dict) -> dict:
         steps = m["iteration_env_steps"]

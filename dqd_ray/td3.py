@@ -8,6 +8,11 @@ Adam acts elementwise, so the ensemble is exactly k+1 independent TD3 agents.
 
 ``jacobian`` returns d/dtheta mean_s Q_j(s, pi_theta(s)) for every objective j
 and every genome theta, uphill, in one batched backward pass.
+
+Each agent's initial weights and target-smoothing noise come from its own
+random stream, seeded by (seed, objective): an ensemble of all objectives and
+several ensembles splitting them between learners hold the same agents, so
+the split is a placement choice that changes no number.
 """
 
 from __future__ import annotations
@@ -21,30 +26,41 @@ import torch
 from dqd_ray.policy import PolicySpec
 
 
+def agent_seeds(seed: int, objective: int) -> tuple[int, int]:
+    """(initialization seed, noise seed) of the agent learning ``objective``."""
+    init, noise = np.random.SeedSequence([int(seed), int(objective)]).generate_state(2)
+    return int(init), int(noise)
+
+
 class StackedMLP(torch.nn.Module):
     """``n`` independent MLPs evaluated together: input ``(n, B, in)``.
 
     Weights are stored as ``(n, in, out)``; ``init`` is ``"torch"`` (PyTorch's
-    Linear default) or ``"xavier"`` (Xavier uniform, zero bias).
+    Linear default) or ``"xavier"`` (Xavier uniform, zero bias). Model ``i``
+    draws its initial weights from ``generators[i]`` only.
     """
 
     def __init__(self, n: int, sizes: list[int], hidden: str, out: str | None,
-                 init: str, generator: torch.Generator):
+                 init: str, generators: list[torch.Generator]):
         super().__init__()
+        if len(generators) != n:
+            raise ValueError(f"need one generator per model: {n} models, {len(generators)} given")
         self.n, self.sizes, self.hidden, self.out = n, list(sizes), hidden, out
         self.weights = torch.nn.ParameterList()
         self.biases = torch.nn.ParameterList()
         for fi, fo in zip(sizes[:-1], sizes[1:]):
-            if init == "xavier":
-                bound = math.sqrt(6.0 / (fi + fo))
-                w = (torch.rand(n, fi, fo, generator=generator) * 2 - 1) * bound
-                b = torch.zeros(n, 1, fo)
-            else:
-                bound = 1.0 / math.sqrt(fi)
-                w = (torch.rand(n, fi, fo, generator=generator) * 2 - 1) * bound
-                b = (torch.rand(n, 1, fo, generator=generator) * 2 - 1) * bound
-            self.weights.append(torch.nn.Parameter(w))
-            self.biases.append(torch.nn.Parameter(b))
+            ws, bs = [], []
+            for gen in generators:
+                if init == "xavier":
+                    bound = math.sqrt(6.0 / (fi + fo))
+                    ws.append((torch.rand(fi, fo, generator=gen) * 2 - 1) * bound)
+                    bs.append(torch.zeros(1, fo))
+                else:
+                    bound = 1.0 / math.sqrt(fi)
+                    ws.append((torch.rand(fi, fo, generator=gen) * 2 - 1) * bound)
+                    bs.append((torch.rand(1, fo, generator=gen) * 2 - 1) * bound)
+            self.weights.append(torch.nn.Parameter(torch.stack(ws)))
+            self.biases.append(torch.nn.Parameter(torch.stack(bs)))
 
     @staticmethod
     def _act(x, name):
@@ -72,7 +88,8 @@ class TD3Ensemble:
         num_objectives: 1 + number of measures.
         cfg: A :class:`dqd_ray.config.TD3Config`.
         device: ``"cpu"`` or ``"cuda"``.
-        seed: Seed for initialization and noise.
+        seed: Root seed; agent j's initialization and noise are seeded by
+            ``(seed, objective j)``.
         objectives: Which objectives (indices into the reward vector) these
             agents learn; default all. A learner owning a subset passes its own.
     """
@@ -84,13 +101,15 @@ class TD3Ensemble:
         self.objectives = list(range(num_objectives)) if objectives is None else [int(o) for o in objectives]
         e = len(self.objectives)
         self.num_agents = e
-        gen = torch.Generator().manual_seed(int(seed))
+        init_seeds, noise_seeds = zip(*(agent_seeds(seed, o) for o in self.objectives))
+        gens = [torch.Generator().manual_seed(s) for s in init_seeds]
         obs_dim, act_dim = policy_spec.obs_dim, policy_spec.act_dim
         hidden_act = policy_spec.activation
-        self.actor = StackedMLP(e, policy_spec.sizes, hidden_act, "tanh", "xavier", gen)
+        self.actor = StackedMLP(e, policy_spec.sizes, hidden_act, "tanh", "xavier", gens)
         critic_sizes = [obs_dim + act_dim, *cfg.critic_hidden_sizes, 1]
         # Critic model 2j is agent j's Q1, model 2j+1 its Q2.
-        self.critic = StackedMLP(2 * e, critic_sizes, "relu", None, "torch", gen)
+        twin_gens = [g for g in gens for _ in range(2)]
+        self.critic = StackedMLP(2 * e, critic_sizes, "relu", None, "torch", twin_gens)
         self.actor.to(self.device)
         self.critic.to(self.device)
         self.actor_target = copy.deepcopy(self.actor)
@@ -99,7 +118,8 @@ class TD3Ensemble:
             p.requires_grad_(False)
         self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=cfg.lr)
         self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=cfg.lr)
-        self.noise_gen = torch.Generator(device=self.device).manual_seed(int(seed) + 1)
+        self.noise_gens = [torch.Generator(device=self.device).manual_seed(s)
+                           for s in noise_seeds]
         self.updates = 0
 
     # -- training ----------------------------------------------------------
@@ -129,7 +149,9 @@ class TD3Ensemble:
         with torch.no_grad():
             next_act = self.actor_target(nxt)
             if cfg.target_noise > 0:
-                noise = torch.randn(next_act.shape, generator=self.noise_gen, device=self.device)
+                noise = torch.stack([
+                    torch.randn(next_act.shape[1:], generator=g, device=self.device)
+                    for g in self.noise_gens])
                 noise = (noise * cfg.target_noise).clamp(-cfg.noise_clip, cfg.noise_clip)
                 next_act = (next_act + noise).clamp(-1.0, 1.0)
             q_next = self._q(self.critic_target, nxt, next_act).min(dim=1).values  # (E, B)
@@ -226,7 +248,7 @@ class TD3Ensemble:
             "actor_target": self.actor_target.state_dict(),
             "critic_target": self.critic_target.state_dict(),
             "actor_opt": self.actor_opt.state_dict(), "critic_opt": self.critic_opt.state_dict(),
-            "noise_gen": self.noise_gen.get_state(), "updates": self.updates,
+            "noise_gens": [g.get_state() for g in self.noise_gens], "updates": self.updates,
             "objectives": list(self.objectives),
         })
 
@@ -245,6 +267,9 @@ class TD3Ensemble:
         self.critic_target.load_state_dict(state["critic_target"])
         self.actor_opt.load_state_dict(state["actor_opt"])
         self.critic_opt.load_state_dict(state["critic_opt"])
-        self.noise_gen.set_state(state["noise_gen"].cpu() if hasattr(state["noise_gen"], "cpu")
-                                 else state["noise_gen"])
+        if len(state["noise_gens"]) != len(self.noise_gens):
+            raise ValueError(f"state has {len(state['noise_gens'])} noise streams, "
+                             f"this ensemble has {len(self.noise_gens)}")
+        for g, st in zip(self.noise_gens, state["noise_gens"]):
+            g.set_state(st.cpu() if hasattr(st, "cpu") else st)
         self.updates = int(state["updates"])

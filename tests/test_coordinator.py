@@ -127,6 +127,29 @@ def test_state_round_trip(gradients):
     assert comparable(fresh2.iteration()) == expected[0]
 
 
+@pytest.mark.parametrize("dim", [20, 40])
+def test_es_rows_of_the_coordinator_point_up_their_own_objectives(dim):
+    """Through the coordinator (its evaluator, its perturbations, its row
+    order): each ES row points up its objective's true gradient, and a small
+    step along it raises that objective."""
+    es = ESGradient(sigma=0.05, num_samples=400, seed=1)
+    coord, domain = small_coordinator(dim=dim, exact=False, es=es)
+    thetas = np.random.default_rng(2).normal(0, 1.0, (3, dim))
+    jac = coord.jacobian(thetas)
+    assert jac.shape == (3, 3, dim)
+    assert coord.counters["evaluations"] == 3 * 400  # the ES samples went through the evaluator
+    obj0, meas0, true = domain.evaluate(thetas)
+    values0 = np.concatenate([obj0[:, None], meas0], axis=1)
+    for row in range(3):
+        unit = jac[:, row] / np.linalg.norm(jac[:, row], axis=1, keepdims=True)
+        true_unit = true[:, row] / np.linalg.norm(true[:, row], axis=1, keepdims=True)
+        cos = (unit * true_unit).sum(axis=1)
+        assert np.all(cos > 0.6), (row, cos)
+        obj1, meas1, _ = domain.evaluate(thetas + 0.05 * unit)
+        values1 = np.concatenate([obj1[:, None], meas1], axis=1)
+        assert np.all(values1[:, row] > values0[:, row]), row
+
+
 def test_sphere_beats_map_elites():
     iterations = 500
     coord = make_coordinator(dim=100, seed=0)
@@ -277,7 +300,7 @@ def run_in_process(cfg, iterations):
 
 SMALL = ["env.episode_length=100", "algorithm.batch_size=8",
          "td3.train_steps_per_iteration=20", "td3.batch_size=64", "td3.replay_capacity=20000",
-         "resources.envs_per_worker=4", "td3.jacobian_states=64"]
+         "resources.envs_per_worker=4", "td3.jacobian_states=64", "resources.learner_mode=sync"]
 
 
 def test_in_process_cma_mega_td3_on_ant():

@@ -346,3 +346,104 @@ def test_train_reports_per_agent_losses():
     assert np.all(np.isnan(out["actor_loss"]))  # no actor step yet (delay 3)
     out = ens.train(stack_batches([make_batch(rng)]))
     assert np.all(np.isfinite(out["actor_loss"]))
+
+
+def _bandit(rng: np.random.Generator, targets: np.ndarray, n: int) -> dict:
+    """One-step task: every transition ends; objective j rewards actions near
+    ``tanh(s @ targets[j])``, so agent j's best policy is known."""
+    obs = rng.normal(size=(n, OBS)).astype(np.float32)
+    act = rng.uniform(-1, 1, (n, ACT)).astype(np.float32)
+    reward = np.stack([_bandit_reward(obs, act, w) for w in targets], axis=1)
+    return {"obs": obs, "action": act, "reward": reward.astype(np.float32),
+            "next_obs": rng.normal(size=(n, OBS)).astype(np.float32),
+            "terminated": np.ones(n, np.float32)}
+
+
+def _bandit_reward(obs, act, w):
+    return -((act - 0.8 * np.tanh(obs @ w)) ** 2).sum(axis=1)
+
+
+def test_greedy_actors_climb_their_q_and_solve_a_bandit():
+    rng = np.random.default_rng(0)
+    targets = rng.normal(size=(NUM_OBJ, OBS, ACT))
+    data = _bandit(rng, targets, 4096)
+    cfg = TD3Config(critic_hidden_sizes=[64, 64], batch_size=128, lr=3e-3, target_noise=0.0)
+    ens = TD3Ensemble(make_spec(), NUM_OBJ, cfg, seed=0)
+    test_obs = rng.normal(size=(512, OBS)).astype(np.float32)
+    initial = [ens.greedy_genome(j) for j in range(NUM_OBJ)]
+    idx = rng.integers(0, len(data["obs"]), size=(1000, cfg.batch_size))
+    ens.train({k: v[idx] for k, v in data.items()})
+    random_policy = _bandit_reward(test_obs, rng.uniform(-1, 1, (512, ACT)), targets[0]).mean()
+    for j in range(NUM_OBJ):
+        trained = ens.greedy_genome(j)
+        # Under the learned critic, the trained actor scores above its start...
+        q_start, q_end = (q1_objective(ens, j, g, test_obs) for g in (initial[j], trained))
+        assert q_end > q_start + 0.1, (j, q_start, q_end)
+        # ... and so it does on the task itself, close to the best possible (0).
+        r_start, r_end = (_bandit_reward(test_obs, ens.spec.forward_np(g, test_obs), targets[j])
+                          .mean() for g in (initial[j], trained))
+        assert r_end > r_start + 0.1, (j, r_start, r_end)
+        assert r_end > 0.1 * random_policy, (j, r_end, random_policy)
+
+
+def _target_probe(ens: TD3Ensemble) -> None:
+    """Makes every agent's TD target equal its smoothed target action's first
+    coordinate: target actors output 0, target critics compute a_0, and the
+    online critics output 0 (so the critic loss is 2 * target^2)."""
+    with torch.no_grad():
+        ens.actor_target.weights[-1].zero_()
+        ens.actor_target.biases[-1].zero_()
+        w0, b0 = ens.critic_target.weights[0], ens.critic_target.biases[0]
+        w0.zero_()
+        b0.zero_()
+        w0[:, OBS, 0] = 1.0  # hidden unit 0 = relu(a_0 + 2) = a_0 + 2 for |a_0| <= 1
+        b0[:, 0, 0] = 2.0
+        w1, b1 = ens.critic_target.weights[1], ens.critic_target.biases[1]
+        w1.zero_()
+        w1[:, 0, 0] = 1.0
+        b1.fill_(-2.0)
+        ens.critic.weights[-1].zero_()
+        ens.critic.biases[-1].zero_()
+
+
+@pytest.mark.parametrize("noise, clip", [(0.2, 0.5), (1.0, 0.3)])
+def test_target_smoothing_noise_is_scaled_and_clipped(noise, clip):
+    cfg = TD3Config(critic_hidden_sizes=[16], batch_size=1, gamma=1.0, target_noise=noise,
+                    noise_clip=clip, policy_delay=10**9)  # no actor or target update
+    ens = TD3Ensemble(make_spec(), NUM_OBJ, cfg, seed=0)
+    _target_probe(ens)
+    online = copy.deepcopy(ens.critic.state_dict())
+    rng = np.random.default_rng(0)
+    targets = []
+    for _ in range(500):
+        batch = make_batch(rng, n=1, terminated=0.0)
+        batch["reward"][:] = 0.0
+        loss = ens.train_step(batch)["critic_loss"]
+        targets.append(np.sqrt(loss / 2))  # |target| of each agent
+        ens.critic.load_state_dict(online)  # undo the update: keep probing
+    targets = np.concatenate(targets)
+    assert targets.max() <= clip + 1e-5, "target smoothing noise escaped its clip"
+    expected = np.sqrt(np.mean(np.clip(rng.normal(0, noise, 10**6), -clip, clip) ** 2))
+    rms = np.sqrt(np.mean(targets ** 2))
+    assert rms == pytest.approx(expected, rel=0.1), (rms, expected)
+
+
+def test_an_agent_does_not_depend_on_which_ensemble_holds_it():
+    """Critics split between learners are the same agents as in one ensemble."""
+    cfg = make_cfg(policy_delay=2)
+    whole = TD3Ensemble(make_spec(), NUM_OBJ, cfg, seed=3)
+    parts = [TD3Ensemble(make_spec(), NUM_OBJ, cfg, seed=3, objectives=objs)
+             for objs in ([0, 1], [2])]
+    rng = np.random.default_rng(0)
+    batches = stack_batches([make_batch(rng) for _ in range(6)])
+    out_whole = whole.train(batches)
+    outs = [p.train(batches) for p in parts]
+    np.testing.assert_allclose(np.concatenate([o["critic_loss"] for o in outs]),
+                               out_whole["critic_loss"], rtol=1e-5)
+    genomes, states = genomes_for(whole.spec, 2), rng.normal(size=(16, OBS))
+    jac = whole.jacobian(genomes, states)
+    for part in parts:
+        np.testing.assert_allclose(part.jacobian(genomes, states), jac[:, part.objectives],
+                                   rtol=1e-4, atol=1e-7)
+        for i, j in enumerate(part.objectives):
+            np.testing.assert_allclose(part.greedy_genome(i), whole.greedy_genome(j), atol=1e-6)
