@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -11,11 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from dqd_ray import checkpoint as ckpt
 from dqd_ray.cli import main
 from dqd_ray.config import ConfigError, build_config
 from dqd_ray.runner import Experiment, read_metrics
+
+pytestmark = pytest.mark.slow
 
 TINY = [
     "env.episode_length=50", "algorithm.batch_size=4", "td3.batch_size=32",
@@ -220,7 +225,7 @@ def test_resume_refuses_conflicts_and_skips_broken_checkpoints(ray_session, tmp_
     with pytest.warns(UserWarning):
         Experiment.resume(out, ["iterations=5"]).run()
     metrics = read_metrics(out)
-    assert [m["iteration"] for m in metrics][-3:] == [3, 4, 5]
+    assert [m["iteration"] for m in metrics] == [1, 2, 3, 4, 5]  # 3, 4 rewritten once
     # A checkpoint from another format version is refused by name.
     newest = ckpt.list_checkpoints(out / "checkpoints")[-1]
     manifest = json.loads((newest / "manifest.json").read_text())
@@ -243,22 +248,105 @@ def test_wandb_offline_run(ray_session, tmp_path, monkeypatch):
     assert any(name.endswith(".png") for name in files)  # the archive heatmap
 
 
-def test_several_learners_split_the_critics(ray_session):
+def test_several_learners_compute_what_one_learner_computes(ray_session):
+    """Splitting the critics between learners is placement only: in sync mode
+    every jacobian row, loss and archive equals the single learner's."""
     from dqd_ray.graph import LearnerGroup, RaySystem
     from dqd_ray.policy import PolicySpec
 
-    cfg = _tiny_cfg("resources.num_learners=3", "resources.num_rollout_workers=1")
-    system = RaySystem(cfg)
-    assert system.graph.learner_objectives == [[0, 1], [2, 3], [4]]
-    metrics = [system.iteration() for _ in range(2)]
-    assert len(metrics[-1]["critic_loss_per_objective"]) == 5
+    spec = None
+    results = {}
+    for n in (1, 3):
+        cfg = _tiny_cfg(f"resources.num_learners={n}", "resources.num_rollout_workers=1")
+        spec = PolicySpec.from_config(cfg.env.id, cfg.policy)
+        system = RaySystem(cfg, torch_threads=1)
+        try:
+            metrics = [system.iteration() for _ in range(2)]
+            group = LearnerGroup(system.graph.learners, system.graph.learner_objectives)
+            genomes = np.stack([spec.init_genome(np.random.default_rng(i)) for i in range(3)])
+            results[n] = {"split": system.graph.learner_objectives, "metrics": metrics,
+                          "jac": group.jacobian(genomes), "greedy": group.greedy_genome(),
+                          "archive": system.archive()}
+        finally:
+            system.close()
+    one, three = results[1], results[3]
+    assert one["split"] == [[0, 1, 2, 3, 4]] and three["split"] == [[0, 1], [2, 3], [4]]
+    assert three["jac"].shape == (3, 5, spec.genome_dim) and np.isfinite(three["jac"]).all()
+    assert (np.linalg.norm(three["jac"], axis=2) > 0).all()
+    for row in range(5):
+        np.testing.assert_allclose(three["jac"][:, row], one["jac"][:, row], rtol=1e-4,
+                                   atol=1e-6, err_msg=f"jacobian row {row}")
+    np.testing.assert_allclose(three["greedy"], one["greedy"], atol=1e-6)
+    assert "critic_loss_per_objective" in three["metrics"][-1]
+    for a, b in zip(one["metrics"], three["metrics"]):
+        la, lb = a.get("critic_loss_per_objective"), b.get("critic_loss_per_objective")
+        assert (la is None and lb is None) or la == pytest.approx(lb, rel=1e-5)
+        assert a["qd_score"] == pytest.approx(b["qd_score"])
+    assert sorted(one["archive"]["index"]) == sorted(three["archive"]["index"])
+
+
+def test_async_learners_train_on_ray(ray_session, tmp_path):
+    out = tmp_path / "run"
+    assert main(["run", "--preset", "cma_mega_td3", "--out", str(out),
+                 *sets("iterations=5", "checkpoint.every=2", "env.episode_length=100",
+                       "resources.learner_mode=async", "resources.num_learners=2")]) == 0
+    metrics = read_metrics(out)
+    updates = [m["critic_updates_total"] for m in metrics]
+    assert updates[-1] > updates[1] > 0, updates
+    assert all(b >= a for a, b in zip(updates, updates[1:]))
     assert all(np.isfinite(metrics[-1]["critic_loss_per_objective"]))
-    group = LearnerGroup(system.graph.learners, system.graph.learner_objectives)
-    spec = PolicySpec.from_config(cfg.env.id, cfg.policy)
-    genomes = np.stack([spec.init_genome(np.random.default_rng(i)) for i in range(3)])
-    jac = group.jacobian(genomes)
-    assert jac.shape == (3, 5, spec.genome_dim) and np.isfinite(jac).all()
-    assert (np.linalg.norm(jac, axis=2) > 0).all()
-    greedy = group.greedy_genome()
-    assert greedy.shape == (spec.genome_dim,)
-    system.close()
+    states = [ckpt.load_checkpoint(p, ckpt.verify(p)) for p in
+              ckpt.list_checkpoints(out / "checkpoints")[:2]]  # iterations 2 and 4
+    for i in range(2):  # each learner
+        a, b = states[0]["learners"][i], states[1]["learners"][i]
+        assert b["updates"] > a["updates"] > 0
+        assert all(not torch.equal(a["critic"][k], b["critic"][k]) for k in a["critic"])
+
+
+class SignalLater:
+    """A metric sink that sends ``sig`` to this process ``delay`` seconds after
+    iteration ``after`` is logged, so it lands inside a later iteration."""
+
+    def __init__(self, after: int, delay: float, sig):
+        self.after, self.delay, self.sig = after, delay, sig
+
+    def wants_archive(self, iteration):
+        return False
+
+    def log(self, metrics, archive=None):
+        if metrics["iteration"] == self.after:
+            threading.Timer(self.delay, os.kill, (os.getpid(), self.sig)).start()
+
+    def close(self):
+        pass
+
+
+@pytest.fixture(scope="module")
+def in_process_reference(tmp_path_factory):
+    """The uninterrupted sync run, in process (the placements agree exactly)."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    Experiment.create(_tiny_cfg("iterations=8", "checkpoint.every=100"), out,
+                      backend="inprocess").run()
+    return out
+
+
+@pytest.mark.parametrize("sig, delay", [(signal.SIGINT, 0.05), (signal.SIGTERM, 0.2)],
+                         ids=["SIGINT", "SIGTERM"])
+def test_stop_signal_on_ray_checkpoints_the_running_iteration(
+        ray_session, tmp_path, in_process_reference, capsys, sig, delay):
+    out = tmp_path / "run"
+    exp = Experiment.create(_tiny_cfg("iterations=1000", "checkpoint.every=100"), out)
+    summary = exp.run(sinks=[SignalLater(2, delay, sig)])
+    assert summary["interrupted"] is True
+    stopped_at = summary["final"]["iteration"]
+    assert 2 <= stopped_at < 8
+    assert [m["iteration"] for m in read_metrics(out)] == list(range(1, stopped_at + 1))
+    assert ckpt.latest_valid(out / "checkpoints")[1]["iteration"] == stopped_at
+    assert f"checkpointed iteration {stopped_at}" in capsys.readouterr().out
+    Experiment.resume(out, ["iterations=8"]).run()
+    got, ref = read_metrics(out), read_metrics(in_process_reference)
+    assert [m["iteration"] for m in got] == list(range(1, 9))
+    for a, b in zip(got, ref):
+        for key in ("qd_score", "num_elites", "env_steps", "evaluations", "best_fitness"):
+            assert a[key] == b[key], (a["iteration"], key)
+        assert a.get("critic_loss") == pytest.approx(b.get("critic_loss"))
