@@ -289,8 +289,17 @@ def start_learners(graph: Graph, cfg: ExperimentConfig) -> None:
                  for lr in graph.learners])
 
 
-def stop_learners(graph: Graph) -> None:
-    ray.get([lr.stop_async.options(concurrency_group="grad").remote() for lr in graph.learners])
+def stop_learners(graph: Graph, timeout_s: float = 60.0) -> None:
+    """Stops background training; gives up (with a warning) on learners that
+    do not answer in ``timeout_s``, e.g. ones never placed: they are killed next."""
+    refs = [lr.stop_async.options(concurrency_group="grad").remote() for lr in graph.learners]
+    done, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    ray.get(done)
+    if pending:
+        msg = (f"{len(pending)} of {len(refs)} learners did not stop within {timeout_s:g} s "
+               "(never placed, or busy): killing them")
+        log.warning(msg)
+        print(f"warning: {msg}")
 
 
 class RaySystem:
