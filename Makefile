@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export WANDB_MODE ?= offline
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: install run test bench clean
+.PHONY: install run test bench mutation clean
 
 install: $(STAMP)
 
@@ -33,5 +33,11 @@ bench: $(STAMP)
 	$(BIN)/dqd-ray bench system --json runs/bench_system.json
 	$(BIN)/dqd-ray bench sphere --json runs/bench_sphere.json
 
+# Mutation testing of the core modules against the fast test tier (see README).
+mutation: $(STAMP)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[mutation]'
+	$(BIN)/mutmut run --max-children 2
+	$(BIN)/mutmut results
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs mutants .pytest_cache
