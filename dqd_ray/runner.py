@@ -261,7 +261,8 @@ class Experiment:
                     if interrupted:
                         print(f"checkpointed iteration {saved_at}; continue with "
                               f"`dqd-ray resume {self.run_dir}`", flush=True)
-                summary = self._summary(system, last, interrupted)
+                # After a hard stop the roles may be mid-iteration: no archive plot.
+                summary = self._summary(system, last, interrupted, plot=not hard_stop)
             finally:
                 stop.__exit__()
                 for s in sinks:
@@ -300,10 +301,10 @@ class Experiment:
             "replay_size": now["replay_size"],
         }
 
-    def _summary(self, system, last: dict | None, interrupted: bool) -> dict:
+    def _summary(self, system, last: dict | None, interrupted: bool, plot: bool = True) -> dict:
         summary = {"run_dir": str(self.run_dir), "interrupted": interrupted,
                    "final": last, "wall_s": self.wall_s}
-        if last is not None and "qd_score" in last:
+        if plot and last is not None and "qd_score" in last:
             from dqd_ray.viz import heatmap
 
             import matplotlib.pyplot as plt
