@@ -102,9 +102,12 @@ class GracefulStop:
         if self.requested is not None:
             raise KeyboardInterrupt(f"second stop signal ({name})")
         self.requested = name
-        print(f"\n{name}: stopping after the running iteration completes and checkpointing "
-              "it; send it again to stop at once (the unfinished iteration is then lost)",
-              flush=True)
+        msg = (f"\n{name}: stopping after the running iteration completes and checkpointing "
+               "it; send it again to stop at once (the unfinished iteration is then lost)\n")
+        try:
+            print(msg, end="", flush=True)
+        except RuntimeError:  # the signal came in the middle of another print
+            os.write(2, msg.encode())
 
 
 def make_system(cfg: ExperimentConfig, backend: Backend, torch_threads: int | None = None):
