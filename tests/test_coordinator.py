@@ -150,6 +150,42 @@ def test_es_rows_of_the_coordinator_point_up_their_own_objectives(dim):
         assert np.all(values1[:, row] > values0[:, row]), row
 
 
+def test_same_seed_same_run_other_seed_other_run():
+    runs = []
+    for seed in (3, 3, 4):
+        coord, _ = small_coordinator(seed=seed)
+        metrics = [comparable(coord.iteration()) for _ in range(3)]
+        runs.append((metrics, coord.archive_arrays()))
+    (ma, a), (mb, b), (mc, c) = runs
+    assert ma == mb
+    for key in ("index", "objective", "solution"):
+        np.testing.assert_array_equal(a[key], b[key])
+    assert ma[-1]["qd_score"] != mc[-1]["qd_score"]
+
+
+def test_iteration_metrics_agree_with_the_archive_and_the_work_done():
+    recorder_domain = LinearProjection(20, "sphere")
+    recorder = RecordingEvaluator(recorder_domain)
+    coord, domain = small_coordinator(evaluator=recorder)
+    history = [coord.iteration() for _ in range(3)]
+    m = history[-1]
+    data = coord.archive_arrays()
+    assert [h["iteration_evaluations"] for h in history] == [1 + 35] * 3
+    assert m["evaluations"] == 3 * 36 == sum(len(c) for c in recorder.calls)
+    assert m["iteration_env_steps"] == 0 and m["iteration"] == 3
+    assert m["num_elites"] == len(data["index"])
+    assert m["best_fitness"] == pytest.approx(data["objective"].max())
+    assert m["mean_fitness"] == pytest.approx(data["objective"].mean())
+    assert m["qd_score"] == pytest.approx(data["objective"].sum())  # offset 0
+    for h in history:
+        assert 0 <= h["rollout_s"] <= h["iteration_s"] and 0 <= h["gradient_s"] <= h["iteration_s"]
+        assert h["rollout_s"] + h["gradient_s"] + h["train_s"] <= h["iteration_s"]
+    thetas = recorder.calls[-2]  # the last theta batch (one emitter: one theta)
+    norms = np.linalg.norm(domain.evaluate(thetas)[2], axis=2)
+    assert m["grad_norm_fitness"] == pytest.approx(norms[:, 0].mean())
+    assert m["grad_norm_measures"] == pytest.approx(norms[:, 1:].mean())
+
+
 def test_sphere_beats_map_elites():
     iterations = 500
     coord = make_coordinator(dim=100, seed=0)

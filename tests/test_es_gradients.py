@@ -120,3 +120,23 @@ def test_bad_arguments():
     _, eps = es.perturb(np.zeros(3))
     with pytest.raises(ValueError, match="expected 4 values"):
         es.estimate(eps, np.zeros(6))
+
+
+def test_estimate_magnitude_with_several_pairs():
+    """Ranks of [3, 2 | 0, 1] are [3, 2, 0, 1] / 3 - 0.5: the pair differences
+    are 1 and 1/3, and the estimate divides by num_samples * sigma = 0.8."""
+    es = ESGradient(sigma=0.2, num_samples=4, seed=0)
+    eps = np.array([[1.0, 0.0, 2.0], [0.0, 3.0, -1.0]])
+    g = es.estimate(eps, np.array([3.0, 2.0, 0.0, 1.0]))
+    expected = (1.0 * eps[0] + (1 / 3) * eps[1]) / 0.8
+    np.testing.assert_allclose(g[0], expected)
+
+
+def test_centered_ranks_break_long_ties_by_order():
+    values = np.zeros(40)
+    np.testing.assert_allclose(centered_ranks(values), np.arange(40) / 39 - 0.5)
+    cols = np.zeros((40, 2))
+    cols[:, 1] = np.arange(40)[::-1]
+    ranks = centered_ranks(cols)
+    np.testing.assert_allclose(ranks[:, 0], np.arange(40) / 39 - 0.5)
+    np.testing.assert_allclose(ranks[:, 1], np.arange(40)[::-1] / 39 - 0.5)

@@ -290,3 +290,41 @@ def test_load_into_a_larger_buffer_keeps_chronology(total):
     n = total + 9
     np.testing.assert_array_equal(stored_ids(big), np.arange(n - min(n - (total - kept), 16), n))
     assert np.all(big.sample(200)["obs"][..., 0] >= total - kept)  # no empty slots sampled
+
+
+def test_capacity_one_keeps_the_newest():
+    buf = ReplayBuffer(OBS, ACT, REW, capacity=1, seed=0)
+    buf.add(chunk(0, 3))
+    buf.add(chunk(3, 1))
+    assert len(buf) == 1 and stored_ids(buf).tolist() == [3]
+
+
+def test_constructor_seed_drives_unseeded_sampling():
+    bufs = [ReplayBuffer(OBS, ACT, REW, capacity=50, seed=s) for s in (7, 7, 8)]
+    for b in bufs:
+        b.add(chunk(0, 50))
+    a, b, c = (buf.sample(16, 3)["obs"] for buf in bufs)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    s1, s2 = bufs[0].sample_states(32), bufs[1].sample_states(32)
+    np.testing.assert_array_equal(s1, s2)
+
+
+def test_sample_states_reach_every_slot():
+    buf = ReplayBuffer(OBS, ACT, REW, capacity=8, seed=0)
+    buf.add(chunk(0, 5))
+    states = buf.sample_states(500, seed=1)
+    assert states.shape == (500, OBS)
+    assert sorted(np.unique(states[:, 0]).tolist()) == [0, 1, 2, 3, 4]
+
+
+def test_reload_of_a_wrapped_ring_keeps_writing_over_the_oldest():
+    buf = ReplayBuffer(OBS, ACT, REW, capacity=10, seed=0)
+    buf.add(chunk(0, 23))  # ids 13..22 kept, the next write goes to slot 3
+    same = ReplayBuffer(OBS, ACT, REW, capacity=10, seed=0)
+    same.load_state_dict(buf.state_dict())
+    buf.add(chunk(23, 4))
+    same.add(chunk(23, 4))
+    np.testing.assert_array_equal(same._data["obs"], buf._data["obs"])
+    assert stored_ids(same).tolist() == list(range(17, 27))
+    np.testing.assert_array_equal(same.sample(8, 2, seed=3)["obs"], buf.sample(8, 2, seed=3)["obs"])

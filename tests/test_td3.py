@@ -4,6 +4,7 @@ independent agents, targets, greedy genomes, state and learning."""
 from __future__ import annotations
 
 import copy
+import math
 import io
 
 import numpy as np
@@ -447,3 +448,59 @@ def test_an_agent_does_not_depend_on_which_ensemble_holds_it():
                                    rtol=1e-4, atol=1e-7)
         for i, j in enumerate(part.objectives):
             np.testing.assert_allclose(part.greedy_genome(i), whole.greedy_genome(j), atol=1e-6)
+
+
+def test_actor_update_is_one_adam_step_up_q1_at_the_configured_rate():
+    """The actor step ascends each agent's Q1 (not Q2, not descending), with
+    Adam at td3.lr: a first Adam step moves every weight by lr * sign(grad)."""
+    cfg = make_cfg(policy_delay=1, lr=1e-3 / 7)
+    ens = TD3Ensemble(make_spec(), NUM_OBJ, cfg, seed=0)
+    with torch.no_grad():  # make Q2 differ from Q1 a lot: a step up Q2 would not match
+        for w in ens.critic.weights:
+            w[1::2] *= -3.0
+    before = copy.deepcopy(ens.actor)
+    batch = make_batch(np.random.default_rng(0))
+    ens.train_step(batch)  # critic step, then the actor step against the new critic
+    obs = torch.as_tensor(batch["obs"]).unsqueeze(0).expand(NUM_OBJ, -1, -1)
+    pi = before(obs)
+    q1 = ens.critic(torch.cat([obs, pi], dim=-1), select=slice(0, 2 * NUM_OBJ, 2))
+    grads = torch.autograd.grad(q1.squeeze(-1).mean(dim=1).sum(), list(before.parameters()))
+    for p_old, p_new, g in zip(before.parameters(), ens.actor.parameters(), grads):
+        step = (p_new - p_old).detach()
+        big = g.abs() > 1e-5
+        assert big.any()
+        torch.testing.assert_close(step[big], cfg.lr * torch.sign(g[big]), rtol=1e-3, atol=1e-9)
+
+
+@pytest.mark.parametrize("init", ["xavier", "torch"])
+def test_stacked_mlp_initialization(init):
+    from dqd_ray.td3 import StackedMLP
+
+    sizes = [40, 60, 20]
+    gens = [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
+    net = StackedMLP(3, sizes, "relu", None, init, gens)
+    for (fi, fo), w, b in zip(zip(sizes[:-1], sizes[1:]), net.weights, net.biases):
+        assert w.shape == (3, fi, fo) and b.shape == (3, 1, fo)
+        bound = math.sqrt(6.0 / (fi + fo)) if init == "xavier" else 1.0 / math.sqrt(fi)
+        assert w.abs().max() <= bound and w.abs().max() > 0.95 * bound
+        assert w.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.05)  # uniform
+        if init == "xavier":
+            assert torch.all(b == 0)
+        else:
+            assert b.abs().max() <= bound and b.std().item() == pytest.approx(
+                bound / math.sqrt(3), rel=0.25)
+        assert not torch.equal(w[0], w[1])  # one stream per model
+    again = StackedMLP(3, sizes, "relu", None, init,
+                       [torch.Generator().manual_seed(s) for s in (1, 2, 3)])
+    for a, b in zip(net.parameters(), again.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_same_seed_same_ensemble_other_seed_other_ensemble():
+    a, b, c = (TD3Ensemble(make_spec(), NUM_OBJ, make_cfg(), seed=s) for s in (4, 4, 5))
+    batches = stack_batches([make_batch(np.random.default_rng(0)) for _ in range(3)])
+    for ens in (a, b, c):
+        ens.train(batches)  # target noise included
+    pa, pb, pc = all_params(a), all_params(b), all_params(c)
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    assert not any(torch.equal(pa[k], pc[k]) for k in pa if "weights" in k)
