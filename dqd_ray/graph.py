@@ -26,7 +26,7 @@ from dqd_ray.coordinator import Coordinator
 from dqd_ray.envs import env_metadata
 from dqd_ray.es_gradients import ESGradient
 from dqd_ray.inprocess import Seeds, initial_theta, learner_objectives, split_objectives
-from dqd_ray.learner import Learner
+from dqd_ray.learner import Learner, loss_metrics
 from dqd_ray.policy import PolicySpec
 from dqd_ray.replay import ReplayBuffer
 from dqd_ray.rollout import RolloutWorker
@@ -317,12 +317,7 @@ class RaySystem:
     def iteration(self) -> dict:
         m = ray.get(self.graph.coordinator.iteration.remote())
         if self.group is not None and self.cfg.resources.learner_mode == "async":
-            st = self.group.stats()
-            for key in ("critic_loss", "actor_loss"):
-                if key in st:
-                    vals = np.asarray(st[key], np.float64)
-                    m[key] = float(np.nanmean(vals)) if np.isfinite(vals).any() else None
-                    m[f"{key}_per_objective"] = vals.tolist()
+            m.update(loss_metrics(self.group.stats()))
         return m
 
     def state(self, save_replay: bool = True) -> dict:

@@ -14,7 +14,7 @@ from dqd_ray.config import ExperimentConfig
 from dqd_ray.coordinator import Coordinator
 from dqd_ray.envs import env_metadata
 from dqd_ray.es_gradients import ESGradient
-from dqd_ray.learner import Learner, pick_device
+from dqd_ray.learner import Learner, loss_metrics, pick_device
 from dqd_ray.policy import PolicySpec
 from dqd_ray.replay import ReplayBuffer
 from dqd_ray.rollout import RolloutWorker
@@ -115,12 +115,7 @@ class InProcessSystem:
     def iteration(self) -> dict:
         m = self.coordinator.iteration()
         if self.learner is not None and not self.sync:
-            st = self.learner.stats()  # raises if background training failed
-            for key in ("critic_loss", "actor_loss"):
-                if key in st:
-                    vals = np.asarray(st[key], np.float64)
-                    m[key] = float(np.nanmean(vals)) if np.isfinite(vals).any() else None
-                    m[f"{key}_per_objective"] = vals.tolist()
+            m.update(loss_metrics(self.learner.stats()))  # raises if training failed
         return m
 
     def close(self) -> None:

@@ -31,6 +31,17 @@ def pick_device(requested_gpus: float = 0.0) -> str:
     return "cuda" if requested_gpus > 0 and torch.cuda.is_available() else "cpu"
 
 
+def loss_metrics(stats: dict) -> dict:
+    """Mean and per-objective critic/actor losses from learner stats (async mode)."""
+    out = {}
+    for key in ("critic_loss", "actor_loss"):
+        if key in stats:
+            vals = np.asarray(stats[key], np.float64)
+            out[key] = float(np.nanmean(vals)) if np.isfinite(vals).any() else None
+            out[f"{key}_per_objective"] = vals.tolist()
+    return out
+
+
 class Learner:
     """TD3 critics for some objectives, trained from a sampler.
 
