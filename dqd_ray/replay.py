@@ -2,27 +2,18 @@
 
 A transition is (obs, action, reward vector [fitness, measure 1..k], next obs,
 terminated). ``add`` copies what it is given, so the buffer never keeps a
-reference to a caller's (or Ray object store's) array. Every method holds one
-lock, so producers and a learner's background thread may share a buffer in
-one process.
+reference to a caller's (or Ray object store's) array. Every method that
+reads or writes the ring holds one lock, so producers and a learner's
+background thread may share a buffer in one process.
 """
 
 from __future__ import annotations
 
-import functools
 import threading
 
 import numpy as np
 
 FIELDS = ("obs", "action", "reward", "next_obs", "terminated")
-
-
-def _locked(method):
-    @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
-        with self._lock:
-            return method(self, *args, **kwargs)
-    return wrapper
 
 
 class ReplayBuffer:
@@ -86,7 +77,6 @@ class ReplayBuffer:
                 raise ValueError(f"chunk[{k!r}] has {a.shape[0]} rows, other fields have {n}")
         return int(n)
 
-    @_locked
     def add(self, chunk: dict, key: tuple | None = None) -> int:
         """Copies a chunk of transitions in; returns how many were received.
 
@@ -99,23 +89,24 @@ class ReplayBuffer:
         Raises:
             ValueError: On missing keys, wrong shapes or dtypes (nothing is added).
         """
-        n = self._validate(chunk)
-        if key is not None:
-            if key in self._staged:
-                raise ValueError(f"a chunk with key {key} is already staged")
-            self._staged[tuple(key)] = {k: np.array(chunk[k], np.float32) for k in FIELDS}
-            return n
-        return self._append(chunk, n)
+        with self._lock:
+            n = self._validate(chunk)
+            if key is not None:
+                if key in self._staged:
+                    raise ValueError(f"a chunk with key {key} is already staged")
+                self._staged[tuple(key)] = {k: np.array(chunk[k], np.float32) for k in FIELDS}
+                return n
+            return self._append(chunk, n)
 
-    @_locked
     def commit(self) -> int:
         """Appends every staged chunk in key order; returns transitions appended."""
-        total = 0
-        for key in sorted(self._staged):
-            chunk = self._staged[key]
-            total += self._append(chunk, len(chunk["obs"]))
-        self._staged.clear()
-        return total
+        with self._lock:
+            total = 0
+            for key in sorted(self._staged):
+                chunk = self._staged[key]
+                total += self._append(chunk, len(chunk["obs"]))
+            self._staged.clear()
+            return total
 
     def _append(self, chunk: dict, n: int) -> int:
         if n == 0:
@@ -134,7 +125,6 @@ class ReplayBuffer:
     def _gen(self, seed: int | None) -> np.random.Generator:
         return self._rng if seed is None else np.random.default_rng(seed)
 
-    @_locked
     def sample(self, batch_size: int, num_batches: int = 1,
                seed: int | None = None) -> dict[str, np.ndarray]:
         """Uniform samples: arrays of shape ``(num_batches, batch_size, ...)``.
@@ -148,54 +138,56 @@ class ReplayBuffer:
         Raises:
             ValueError: If the buffer is empty.
         """
-        if self._size == 0:
-            raise ValueError("cannot sample from an empty replay buffer")
-        idx = self._gen(seed).integers(0, self._size, size=(num_batches, batch_size))
-        return {k: v[idx] for k, v in self._data.items()}
+        with self._lock:
+            if self._size == 0:
+                raise ValueError("cannot sample from an empty replay buffer")
+            idx = self._gen(seed).integers(0, self._size, size=(num_batches, batch_size))
+            return {k: v[idx] for k, v in self._data.items()}
 
-    @_locked
     def sample_states(self, n: int, seed: int | None = None) -> np.ndarray:
-        if self._size == 0:
-            raise ValueError("cannot sample from an empty replay buffer")
-        return self._data["obs"][self._gen(seed).integers(0, self._size, size=n)]
+        with self._lock:
+            if self._size == 0:
+                raise ValueError("cannot sample from an empty replay buffer")
+            return self._data["obs"][self._gen(seed).integers(0, self._size, size=n)]
 
     def stats(self) -> dict:
         return {"size": self._size, "capacity": self.capacity, "total_added": self.total_added,
                 "memory_bytes": self.memory_bytes}
 
-    @_locked
     def state_dict(self, include_data: bool = True) -> dict:
-        state = {"pos": self._pos, "size": self._size, "total_added": self.total_added,
-                 "rng": self._rng.bit_generator.state, "capacity": self.capacity,
-                 "shapes": (self.obs_dim, self.act_dim, self.reward_dim)}
-        if include_data:
-            state["data"] = {k: v[: self._size].copy() for k, v in self._data.items()}
-        return state
+        with self._lock:
+            state = {"pos": self._pos, "size": self._size, "total_added": self.total_added,
+                     "rng": self._rng.bit_generator.state, "capacity": self.capacity,
+                     "shapes": (self.obs_dim, self.act_dim, self.reward_dim)}
+            if include_data:
+                state["data"] = {k: v[: self._size].copy() for k, v in self._data.items()}
+            return state
 
-    @_locked
     def load_state_dict(self, state: dict) -> None:
-        if tuple(state["shapes"]) != (self.obs_dim, self.act_dim, self.reward_dim):
-            raise ValueError(f"replay state has shapes {state['shapes']}, buffer has "
-                             f"{(self.obs_dim, self.act_dim, self.reward_dim)}")
-        self._rng.bit_generator.state = state["rng"]
-        if "data" not in state:
-            return
-        size = int(state["size"])
-        if size > self.capacity:
-            raise ValueError(f"replay state holds {size} transitions, capacity is {self.capacity}")
-        pos = int(state["pos"])
-        saved_capacity = int(state.get("capacity", self.capacity))
-        if saved_capacity == self.capacity:
-            # Same ring layout: sampling continues exactly as before.
-            for k in FIELDS:
-                self._data[k][:size] = state["data"][k]
-            self._pos = pos % self.capacity
-        else:
-            # Another capacity: lay the transitions out oldest first (a full
-            # saved ring starts at its write position), and append after them.
-            shift = pos if size == saved_capacity else 0
-            for k in FIELDS:
-                self._data[k][:size] = np.roll(np.asarray(state["data"][k]), -shift, axis=0)
-            self._pos = size % self.capacity
-        self._size = size
-        self.total_added = int(state["total_added"])
+        with self._lock:
+            if tuple(state["shapes"]) != (self.obs_dim, self.act_dim, self.reward_dim):
+                raise ValueError(f"replay state has shapes {state['shapes']}, buffer has "
+                                 f"{(self.obs_dim, self.act_dim, self.reward_dim)}")
+            self._rng.bit_generator.state = state["rng"]
+            if "data" not in state:
+                return
+            size = int(state["size"])
+            if size > self.capacity:
+                raise ValueError(f"replay state holds {size} transitions, "
+                                 f"capacity is {self.capacity}")
+            pos = int(state["pos"])
+            saved_capacity = int(state.get("capacity", self.capacity))
+            if saved_capacity == self.capacity:
+                # Same ring layout: sampling continues exactly as before.
+                for k in FIELDS:
+                    self._data[k][:size] = state["data"][k]
+                self._pos = pos % self.capacity
+            else:
+                # Another capacity: lay the transitions out oldest first (a full
+                # saved ring starts at its write position), and append after them.
+                shift = pos if size == saved_capacity else 0
+                for k in FIELDS:
+                    self._data[k][:size] = np.roll(np.asarray(state["data"][k]), -shift, axis=0)
+                self._pos = size % self.capacity
+            self._size = size
+            self.total_added = int(state["total_added"])
