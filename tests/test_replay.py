@@ -277,9 +277,11 @@ def test_seeded_sampling_is_independent_of_the_buffer_rng():
 
 
 @pytest.mark.parametrize("total", [6, 10, 23])  # partial, exactly full, wrapped
-def test_load_into_a_larger_buffer_keeps_chronology(total):
+@pytest.mark.parametrize("chunk_size", [4, 100])  # a wrapped ring's write position: 3 or 0
+def test_load_into_a_larger_buffer_keeps_chronology(total, chunk_size):
     buf = ReplayBuffer(OBS, ACT, REW, capacity=10, seed=0)
-    buf.add(chunk(0, total))
+    for start in range(0, total, chunk_size):
+        buf.add(chunk(start, min(chunk_size, total - start)))
     big = ReplayBuffer(OBS, ACT, REW, capacity=16, seed=0)
     big.load_state_dict(buf.state_dict())
     kept = min(total, 10)
@@ -320,7 +322,9 @@ def test_sample_states_reach_every_slot():
 
 def test_reload_of_a_wrapped_ring_keeps_writing_over_the_oldest():
     buf = ReplayBuffer(OBS, ACT, REW, capacity=10, seed=0)
-    buf.add(chunk(0, 23))  # ids 13..22 kept, the next write goes to slot 3
+    for start in range(0, 23, 5):
+        buf.add(chunk(start, min(5, 23 - start)))  # ids 13..22 kept, next write: slot 3
+    assert buf.state_dict()["pos"] == 3
     same = ReplayBuffer(OBS, ACT, REW, capacity=10, seed=0)
     same.load_state_dict(buf.state_dict())
     buf.add(chunk(23, 4))
