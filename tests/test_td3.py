@@ -459,8 +459,15 @@ def test_actor_update_is_one_adam_step_up_q1_at_the_configured_rate():
         for w in ens.critic.weights:
             w[1::2] *= -3.0
     before = copy.deepcopy(ens.actor)
+    critic_before = [p.detach().clone() for p in ens.critic.parameters()]
     batch = make_batch(np.random.default_rng(0))
     ens.train_step(batch)  # critic step, then the actor step against the new critic
+    for p_old, p_new in zip(critic_before, ens.critic.parameters()):  # critics: Adam at td3.lr
+        step = (p_new - p_old).detach().abs()
+        moved = step > cfg.lr / 10
+        assert moved.float().mean() > 0.5
+        torch.testing.assert_close(step[moved], torch.full_like(step[moved], cfg.lr), rtol=1e-2,
+                                   atol=0)
     obs = torch.as_tensor(batch["obs"]).unsqueeze(0).expand(NUM_OBJ, -1, -1)
     pi = before(obs)
     q1 = ens.critic(torch.cat([obs, pi], dim=-1), select=slice(0, 2 * NUM_OBJ, 2))
