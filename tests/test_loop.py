@@ -224,6 +224,9 @@ def signal_on_call(monkeypatch, cls, method: str, call: int, sig=signal.SIGINT, 
     def wrapper(self, *args, **kwargs):
         count["n"] += 1
         if count["n"] == call:
+            # Without the loop's own handler the signal would end pytest itself.
+            assert signal.getsignal(sig) not in (signal.SIG_DFL, signal.default_int_handler), \
+                f"no {sig.name} handler is installed while the loop runs"
             for _ in range(times):
                 os.kill(os.getpid(), sig)
                 time.sleep(0.01)  # the handler runs here, inside the call
