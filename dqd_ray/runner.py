@@ -225,52 +225,50 @@ class Experiment:
             last = {"iteration": start_iter, "evaluations": 0}
         saved_at = start_iter
         interrupted = hard_stop = False
-        stop = GracefulStop()
-        try:
-            stop.__enter__()
-            system.start()
-            prev = system.system_stats()
-            while self._budget_left(last) and stop.requested is None:
-                t0 = time.perf_counter()
-                m = system.iteration()
-                dt = time.perf_counter() - t0
-                self.wall_s += dt
-                now = system.system_stats()
-                m.update(self._throughput(m, dt, prev, now))
-                prev = now
-                m["wall_s"] = self.wall_s
-                wanted = any(s.wants_archive(m["iteration"]) for s in sinks)
-                archive = system.archive() if wanted else None
-                for s in sinks:
-                    s.log(m, archive)
-                last = m
-                if m["iteration"] % cfg.checkpoint.every == 0:
-                    self._save(system, m["iteration"])
-                    saved_at = m["iteration"]
-        except KeyboardInterrupt:
-            # A second signal (or Ctrl-C where no handler could be installed):
-            # an iteration may be half done, so its state is not saved.
-            interrupted = hard_stop = True
-            print(f"\nstopped at once; resume point: the checkpoint of iteration {saved_at}"
-                  if saved_at else "\nstopped at once; no checkpoint was written yet",
-                  flush=True)
-        finally:
-            interrupted = interrupted or stop.requested is not None
+        with GracefulStop() as stop:
             try:
-                if (not hard_stop and last is not None and last["iteration"] != saved_at
-                        and "qd_score" in last):
-                    self._save(system, last["iteration"])
-                    saved_at = last["iteration"]
-                    if interrupted:
+                system.start()
+                prev = system.system_stats()
+                while self._budget_left(last) and stop.requested is None:
+                    t0 = time.perf_counter()
+                    m = system.iteration()
+                    dt = time.perf_counter() - t0
+                    self.wall_s += dt
+                    now = system.system_stats()
+                    m.update(self._throughput(m, dt, prev, now))
+                    prev = now
+                    m["wall_s"] = self.wall_s
+                    wanted = any(s.wants_archive(m["iteration"]) for s in sinks)
+                    archive = system.archive() if wanted else None
+                    for s in sinks:
+                        s.log(m, archive)
+                    last = m
+                    if m["iteration"] % cfg.checkpoint.every == 0:
+                        self._save(system, m["iteration"])
+                        saved_at = m["iteration"]
+            except KeyboardInterrupt:
+                # A second signal (or Ctrl-C where no handler could be installed):
+                # an iteration may be half done, so its state is not saved.
+                interrupted = hard_stop = True
+                print(f"\nstopped at once; resume point: the checkpoint of iteration {saved_at}"
+                      if saved_at else "\nstopped at once; no checkpoint was written yet",
+                      flush=True)
+            finally:
+                interrupted = interrupted or stop.requested is not None
+                try:
+                    if (not hard_stop and last is not None and last["iteration"] != saved_at
+                            and "qd_score" in last):
+                        self._save(system, last["iteration"])
+                        saved_at = last["iteration"]
+                    if interrupted and not hard_stop and saved_at:
                         print(f"checkpointed iteration {saved_at}; continue with "
                               f"`dqd-ray resume {self.run_dir}`", flush=True)
-                # After a hard stop the roles may be mid-iteration: no archive plot.
-                summary = self._summary(system, last, interrupted, plot=not hard_stop)
-            finally:
-                stop.__exit__()
-                for s in sinks:
-                    s.close()
-                system.close()
+                    # After a hard stop the roles may be mid-iteration: no archive plot.
+                    summary = self._summary(system, last, interrupted, plot=not hard_stop)
+                finally:
+                    for s in sinks:
+                        s.close()
+                    system.close()
         return summary
 
     def _truncate_metrics(self, start_iter: int) -> None:
