@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -92,33 +92,97 @@ class PolicyConfig(_Strict):
         return v
 
 
-class AlgorithmConfig(_Strict):
-    name: Literal["cma_mega", "cma_maega"] = Field(
-        "cma_mega", description="CMA-MEGA, or CMA-MAEGA (archive with a learning rate)."
+class _AlgorithmBase(_Strict):
+    x0_from_policy_init: bool = Field(
+        True, description="Start from a Xavier-initialized policy (else zeros); paper: Xavier."
     )
+
+
+class CMAMEGAConfig(_AlgorithmBase):
+    """CMA-MEGA: gradient-arborescence emitters over a CMA-ES coefficient distribution."""
+
+    name: Literal["cma_mega"] = "cma_mega"
     gradients: Literal["td3", "td3_es", "es"] = Field(
         "td3", description="Where gradients come from: TD3 critics for all objectives, "
-        "TD3 for fitness and ES for measures, or ES for all."
+        "TD3 for fitness and ES for measures (paper: CMA-MEGA (TD3, ES)), or ES for all."
     )
-    num_emitters: int = Field(1, gt=0, description="GradientArborescenceEmitters (paper: 5).")
+    num_emitters: int = Field(1, gt=0, description="Gradient-arborescence emitters (paper: 1).")
     batch_size: int = Field(
-        16, ge=2, description="Branches per emitter per iteration, theta excluded (paper: 100)."
+        16, ge=2, description="CMA-ES branches per emitter per iteration, theta and the greedy "
+        "actor excluded (paper: 98 with the greedy TD3 actor, 99 without)."
     )
     sigma0: float = Field(1.0, gt=0, description="Initial CMA-ES step size of the coefficients.")
     lr: float = Field(1.0, gt=0, description="Step size of the gradient-ascent optimizer on theta.")
     selection_rule: Literal["mu", "filter"] = Field("mu", description="Parent selection.")
     restart_rule: Literal["no_improvement", "basic"] = Field("no_improvement")
     normalize_grad: bool = Field(True, description="Normalize each gradient row.")
-    archive_learning_rate: float = Field(
-        0.01, gt=0, le=1, description="CMA-MAEGA archive learning rate (cma_maega only)."
+    es_engine: Literal["cma_es", "sep_cma_es", "pycma_es"] = Field(
+        "cma_es", description="CMA-ES implementation of the coefficient distribution: pyribs' "
+        "own CMA-ES with positive weights over mu parents (the paper's), or pycma."
     )
+    insert_greedy: bool | None = Field(
+        None, description="Evaluate the greedy TD3 actor every iteration and insert it "
+        "(default: whenever a fitness critic exists, as the paper does)."
+    )
+
+    @model_validator(mode="after")
+    def _greedy_needs_critic(self):
+        if self.insert_greedy and self.gradients == "es":
+            raise ValueError("insert_greedy needs a fitness critic, but gradients='es' trains "
+                             "none; set gradients to td3 or td3_es, or insert_greedy=false")
+        return self
+
+    @property
+    def greedy(self) -> bool:
+        return self.gradients != "es" if self.insert_greedy is None else self.insert_greedy
+
+
+class CMAMAEGAConfig(CMAMEGAConfig):
+    """CMA-MAEGA: CMA-MEGA with an archive learning rate (soft thresholds)."""
+
+    name: Literal["cma_maega"] = "cma_maega"
+    archive_learning_rate: float = Field(0.01, gt=0, le=1, description="Archive learning rate.")
     threshold_min: float | None = Field(
-        None, description="CMA-MAEGA minimum threshold; default: the env's QD-score offset."
+        None, description="Minimum cell threshold; default: the env's QD-score offset."
     )
-    insert_greedy: bool = Field(True, description="Evaluate and insert the greedy TD3 actor.")
-    x0_from_policy_init: bool = Field(
-        True, description="Start theta at a Xavier-initialized policy (else zeros)."
+
+
+class PGAMEConfig(_AlgorithmBase):
+    """PGA-MAP-Elites: iso-line variation plus policy-gradient variation from a TD3 critic."""
+
+    name: Literal["pga_me"] = "pga_me"
+    iso_sigma: float = Field(0.005, gt=0, description="Iso-line emitter's isotropic noise.")
+    line_sigma: float = Field(0.05, ge=0, description="Iso-line emitter's line noise.")
+    iso_batch_size: int = Field(50, gt=0, description="Iso-line solutions per iteration.")
+    pg_batch_size: int = Field(
+        50, ge=2, description="Policy-gradient emitter's solutions per iteration: the greedy "
+        "actor plus pg_batch_size-1 varied elites."
     )
+    pg_steps: int = Field(10, gt=0, description="Adam steps up the fitness critic per variant.")
+    pg_lr: float = Field(0.001, gt=0, description="Adam learning rate of the PG variation.")
+    pg_states: int = Field(256, gt=0, description="Fresh buffer states per PG step.")
+    init_sigma: float = Field(
+        0.02, gt=0, description="While the archive is empty: x0 + N(0, init_sigma^2)."
+    )
+
+
+class MapElitesConfig(_AlgorithmBase):
+    """MAP-Elites with Gaussian variation."""
+
+    name: Literal["map_elites"] = "map_elites"
+    sigma: float = Field(0.02, gt=0, description="Gaussian mutation std (and around x0 at start).")
+    batch_size: int = Field(100, gt=0, description="Solutions per iteration.")
+
+
+ALGORITHM_CONFIGS: dict[str, type[_AlgorithmBase]] = {
+    c.model_fields["name"].default: c
+    for c in (CMAMEGAConfig, CMAMAEGAConfig, PGAMEConfig, MapElitesConfig)
+}
+AlgorithmConfig = CMAMEGAConfig  # the default algorithm's settings
+AnyAlgorithmConfig = Annotated[
+    Union[CMAMEGAConfig, CMAMAEGAConfig, PGAMEConfig, MapElitesConfig],
+    Field(discriminator="name"),
+]
 
 
 class TD3Config(_Strict):
@@ -131,10 +195,16 @@ class TD3Config(_Strict):
     noise_clip: float = Field(0.5, ge=0, description="Clip of the smoothing noise.")
     lr: float = Field(3e-4, gt=0, description="Adam learning rate of actors and critics.")
     train_steps_per_iteration: int = Field(
-        50, ge=0, description="Critic updates per iteration in sync mode (paper: 600)."
+        50, ge=0, description="Critic updates per iteration in sync mode, on the experience "
+        "up to the previous iteration, run while the branches are evaluated "
+        "(paper: 600 for CMA-MEGA (TD3, ES), 300 for PGA-ME)."
     )
     jacobian_states: int = Field(
-        256, gt=0, description="Buffer states averaged over for each gradient."
+        256, gt=0, description="Buffer states averaged over for each gradient (paper: 65,536)."
+    )
+    time_limit_done: bool = Field(
+        False, description="Treat episodes cut by the time limit as done (the paper's choice, "
+        "true in its presets). False bootstraps through the cut: the correct TD target."
     )
     replay_capacity: int = Field(1_000_000, gt=0, description="Replay buffer transitions.")
     learning_starts: int = Field(
@@ -171,6 +241,16 @@ class ResourcesConfig(_Strict):
     )
 
 
+class MetricsConfig(_Strict):
+    robustness_every: int = Field(
+        0, ge=0, description="Iterations between robustness measurements of the best elite "
+        "(0: never; paper: every iteration). Re-used while the best elite is unchanged."
+    )
+    robustness_episodes: int = Field(
+        10, gt=0, description="New-seed episodes of the best elite per measurement (paper: 10)."
+    )
+
+
 class LoggingConfig(_Strict):
     wandb: bool = Field(False, description="Log to wandb (offline without an API key).")
     wandb_project: str = Field("dqd-ray")
@@ -194,42 +274,91 @@ class ExperimentConfig(_Strict):
     evaluations: int | None = Field(None, gt=0, description="Optional evaluation budget.")
     env: EnvConfig = Field(default_factory=EnvConfig)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
-    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    algorithm: AnyAlgorithmConfig = Field(default_factory=CMAMEGAConfig)
     td3: TD3Config = Field(default_factory=TD3Config)
     es: ESConfig = Field(default_factory=ESConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_algorithm_name(cls, data):
+        algo = data.get("algorithm") if isinstance(data, dict) else None
+        if isinstance(algo, dict) and "name" not in algo:
+            data = {**data, "algorithm": {"name": "cma_mega", **algo}}
+        return data
+
     @property
     def uses_td3(self) -> bool:
-        return self.algorithm.gradients in ("td3", "td3_es")
+        """Whether any TD3 critic is trained (gradients, greedy actor or PG variation)."""
+        a = self.algorithm
+        return a.name == "pga_me" or getattr(a, "gradients", "es") in ("td3", "td3_es")
 
     @property
     def uses_es(self) -> bool:
-        return self.algorithm.gradients in ("td3_es", "es")
-
-
-PRESETS: dict[str, dict[str, Any]] = {
-    "cma_mega_td3": {"algorithm": {"name": "cma_mega", "gradients": "td3"}},
-    "cma_mega_td3_es": {"algorithm": {"name": "cma_mega", "gradients": "td3_es"}},
-    "cma_mega_es": {"algorithm": {"name": "cma_mega", "gradients": "es", "insert_greedy": False}},
-    "cma_maega_td3": {"algorithm": {"name": "cma_maega", "gradients": "td3"}},
-}
-
-
-class ConfigError(ValueError):
-    """A configuration problem, with the field it concerns in the message."""
+        return getattr(self.algorithm, "gradients", None) in ("td3_es", "es")
 
 
 def _merge(base: dict, over: dict) -> dict:
     out = copy.deepcopy(base)
     for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) \
+            else copy.deepcopy(v)
     return out
+
+
+# The paper's settings (official gin files of Tjanaka et al. 2022, config/algorithms/
+# and config/qd_*/): one episode of at most 1000 steps per evaluation, a 128x128 tanh
+# Xavier policy, no action noise or observation normalization (our defaults), episodes
+# cut by the time limit counted as done, robustness of the best elite every iteration,
+# 1,000,000 evaluations, critics trained a fixed number of updates per iteration.
+_PAPER = {
+    "evaluations": 1_000_000,
+    "td3": {"time_limit_done": True},
+    "resources": {"learner_mode": "sync"},
+    "metrics": {"robustness_every": 1, "robustness_episodes": 10},
+}
+_PAPER_CMA_MEGA = {"name": "cma_mega", "num_emitters": 1, "sigma0": 1.0, "lr": 1.0,
+                   "selection_rule": "mu", "restart_rule": "no_improvement",
+                   "normalize_grad": True, "es_engine": "cma_es"}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Paper presets.
+    "cma_mega_td3_es": _merge(_PAPER, {
+        "iterations": 5000,
+        "algorithm": {**_PAPER_CMA_MEGA, "gradients": "td3_es", "batch_size": 98,
+                      "insert_greedy": True},
+        "es": {"sigma": 0.02, "num_samples": 100},
+        "td3": {"train_steps_per_iteration": 600, "jacobian_states": 65536},
+    }),
+    "cma_mega_es": _merge(_PAPER, {
+        "iterations": 5000,
+        "algorithm": {**_PAPER_CMA_MEGA, "gradients": "es", "batch_size": 99,
+                      "insert_greedy": False},
+        "es": {"sigma": 0.02, "num_samples": 100},
+    }),
+    "pga_me": _merge(_PAPER, {
+        "iterations": 10000,
+        "algorithm": {"name": "pga_me", "iso_sigma": 0.005, "line_sigma": 0.05,
+                      "iso_batch_size": 50, "pg_batch_size": 50, "pg_steps": 10,
+                      "pg_lr": 0.001, "pg_states": 256, "init_sigma": 0.02},
+        "td3": {"train_steps_per_iteration": 300},
+    }),
+    "map_elites": _merge(_PAPER, {
+        "iterations": 10000,
+        "algorithm": {"name": "map_elites", "sigma": 0.02, "batch_size": 100},
+    }),
+    # Our own variants.
+    "cma_mega_td3": {"algorithm": {"name": "cma_mega", "gradients": "td3"}},
+    "cma_maega_td3": {"algorithm": {"name": "cma_maega", "gradients": "td3"}},
+}
+PAPER_PRESETS = ("cma_mega_td3_es", "cma_mega_es", "pga_me", "map_elites")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the field it concerns in the message."""
 
 
 def parse_set(item: str) -> dict:
@@ -254,8 +383,20 @@ def _format_error(err: ValidationError) -> str:
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"]
-        if e["type"] == "extra_forbidden":
+        parts = [str(p) for p in e["loc"]]
+        if len(parts) >= 3 and parts[0] == "algorithm" and parts[1] in ALGORITHM_CONFIGS:
+            name = parts[1]
+            loc = ".".join([parts[0], *parts[2:]])
+            if e["type"] == "extra_forbidden":
+                owners = [n for n, c in ALGORITHM_CONFIGS.items() if parts[2] in c.model_fields]
+                fields = [f for f in ALGORITHM_CONFIGS[name].model_fields if f != "name"]
+                msg = (f"not a setting of algorithm {name}"
+                       + (f" (it belongs to {', '.join(owners)})" if owners else "")
+                       + f"; {name} takes: {', '.join(fields)}")
+        elif e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see the config reference in the README)"
+        elif e["type"] == "union_tag_invalid":
+            msg = f"unknown algorithm; choose one of {list(ALGORITHM_CONFIGS)}"
         lines.append(f"  {loc}: {msg}")
     return "invalid config:\n" + "\n".join(lines)
 

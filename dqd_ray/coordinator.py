@@ -1,154 +1,105 @@
-"""The MEGA coordinator: owns the archive and emitters, runs iterations.
+"""The coordinator: owns the archive and emitters and runs any algorithm's iteration.
 
-One iteration: ask_dqd -> evaluate thetas -> gradients (TD3 jacobian, ES
-estimate, exact, by configuration) -> tell_dqd -> ask -> evaluate branches ->
-tell -> evaluate and insert the greedy TD3 actor -> metrics.
+An algorithm module (:mod:`dqd_ray.algorithms`) builds the pyribs scheduler
+and declares what it needs (:class:`~dqd_ray.algorithms.Needs`). One
+iteration, in sync learner mode:
 
-Evaluation and gradients go through two small interfaces, so the same
-coordinator runs in process (tests, debugging) and against Ray actors:
+1. stage this iteration's critic updates (batches from the experience up to
+   the previous iteration);
+2. DQD algorithms: ``ask_dqd`` -> evaluate theta (with its ES samples) ->
+   gradient rows (critics, ES, or an exact jacobian) -> ``tell_dqd``;
+3. ``ask``; fill the rows emitters asked for (greedy actor, PG variants);
+   add the greedy actor when the algorithm inserts it itself;
+4. start the critic updates, evaluate the batch meanwhile, insert the greedy
+   actor, ``tell`` the rest, wait for the updates;
+5. robustness of the best elite when due; metrics.
 
-- evaluator: ``evaluate(genomes, seeds) -> {"fitness", "measures", "length",
-  "valid", "env_steps"}``;
-- learner (TD3 gradient source): ``train(num_updates) -> dict``,
-  ``jacobian(genomes) -> (G, E, D)``, ``greedy_genome() -> (D,)``.
-
-Invalid solutions (non-finite actions, observations, objectives or measures)
-never reach the archive: they are masked out of the insertion, ranked last for
-the emitters and counted.
+Evaluation and gradients go through two small interfaces (see
+:mod:`dqd_ray.system`), so the same coordinator runs in process and as a Ray
+actor. Invalid solutions (non-finite actions, observations, objectives or
+measures) never reach the archive: they are masked out of the insertion,
+ranked last for the emitters and counted.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
-import cloudpickle
 import numpy as np
-from ribs.archives import GridArchive
-from ribs.emitters import GradientArborescenceEmitter
-from ribs.schedulers import Scheduler
 
+from dqd_ray import algorithms, statecodec
+from dqd_ray.algorithms import BuildContext, MaskedScheduler  # noqa: F401 (re-export)
 from dqd_ray.es_gradients import ESGradient
 
-
-class Evaluator(Protocol):
-    def evaluate(self, genomes: np.ndarray, seeds: np.ndarray) -> dict: ...
-
-
-class Learner(Protocol):
-    def train(self, num_updates: int) -> dict: ...
-    def jacobian(self, genomes: np.ndarray) -> np.ndarray: ...
-    def greedy_genome(self) -> np.ndarray: ...
-
-
-class MaskedScheduler(Scheduler):
-    """A pyribs Scheduler that inserts only the solutions marked valid.
-
-    Invalid rows get ``status 0`` and the lowest value, so emitters rank them
-    last; their (placeholder) objective and measures never enter an archive.
-    """
-
-    valid_mask: np.ndarray | None = None
-
-    def _add_to_archives(self, data):
-        mask = self.valid_mask
-        if mask is None or mask.all():
-            return super()._add_to_archives(data)
-        n = len(mask)
-        status = np.zeros(n, np.int32)
-        value = np.full(n, -1e30)
-        if mask.any():
-            sub = {k: None if v is None else v[mask] for k, v in data.items()}
-            info = self.archive.add(**sub)
-            if self._result_archive is not None:
-                self._result_archive.add(**sub)
-            status[mask] = info["status"]
-            value[mask] = info["value"]
-            value[~mask] = min(float(np.min(info["value"])), 0.0) - 1e6
-        return {"status": status, "value": value}
-
-    def tell(self, objective, measures, **fields):
-        mask = self.valid_mask
-        if mask is not None and not mask.any() and self.archive.empty:
-            # Nothing to rank and nothing to restart from: an emitter's
-            # no-improvement restart would sample an elite from the empty
-            # archive (IndexError in pyribs). Skip the emitters' update; they
-            # sample again from the same distribution next iteration.
-            if self._last_called != "ask":
-                raise RuntimeError("tell() was called without calling ask().")
-            self._last_called = "tell"
-            return
-        super().tell(objective, measures, **fields)
+COUNTERS = ("iteration", "evaluations", "env_steps", "invalid", "nonfinite_gradients",
+            "greedy_inserted", "critic_updates", "robustness_evaluations")
 
 
 class Coordinator:
-    """Runs CMA-MEGA / CMA-MAEGA iterations.
+    """Runs iterations of the configured algorithm.
 
     Args:
         solution_dim: Genome size.
-        x0: Initial theta for every emitter.
+        x0: Initial solution (theta, or the centre of the first samples).
         archive_dims: Cells per measure.
         archive_ranges: (low, high) per measure.
         qd_offset: QD-score offset of the domain.
-        algorithm: :class:`dqd_ray.config.AlgorithmConfig`.
-        evaluator: See module docstring.
-        learner: TD3 gradient source, or None.
-        learner_rows: Jacobian rows the learner provides (default: all if a
-            learner is given).
-        es: ES estimator for the rows the learner does not provide, or None.
+        algorithm: One of the algorithm configs of :mod:`dqd_ray.config`.
+        evaluator: ``evaluate(genomes, seeds, record=True) -> dict``.
+        learner: Gradient source over the TD3 critics, or None.
+        learner_rows: Order of the rows ``learner.jacobian`` returns
+            (default: the algorithm's learner rows).
+        es: ES estimator for the ES rows, or None.
         exact_jacobian: ``fn(genomes) -> (G, 1+k, D)`` for exact-gradient domains.
-        td3_updates: Critic updates requested before each jacobian.
+        td3_updates: Critic updates per iteration (sync mode; 0 otherwise).
         seed: Root seed (emitters, archive, evaluation seeds).
         dtype: Solution dtype of the archive.
+        max_fitness: Maximum fitness of the paper's normalized QD score.
+        robustness_every: Iterations between robustness measurements (0: never).
+        robustness_episodes: New-seed episodes per measurement.
     """
 
     def __init__(self, *, solution_dim: int, x0: np.ndarray, archive_dims, archive_ranges,
-                 qd_offset: float, algorithm, evaluator: Evaluator,
-                 learner: Learner | None = None, learner_rows: list[int] | None = None,
-                 es: ESGradient | None = None,
+                 qd_offset: float, algorithm, evaluator, learner=None,
+                 learner_rows: list[int] | None = None, es: ESGradient | None = None,
                  exact_jacobian: Callable[[np.ndarray], np.ndarray] | None = None,
-                 td3_updates: int = 0, seed: int = 0, dtype=np.float32):
+                 td3_updates: int = 0, seed: int = 0, dtype=np.float32,
+                 max_fitness: float | None = None, robustness_every: int = 0,
+                 robustness_episodes: int = 10):
         self.algorithm = algorithm
-        self.evaluator, self.learner, self.es = evaluator, learner, es
-        self.exact_jacobian = exact_jacobian
-        self.td3_updates = td3_updates
+        self.module = algorithms.get(algorithm.name)
         self.measure_dim = len(archive_dims)
         self.num_rows = 1 + self.measure_dim
-        if learner is not None:
-            self.learner_rows = list(range(self.num_rows)) if learner_rows is None else learner_rows
+        self.needs = self.module.needs(algorithm, self.measure_dim)
+        self.evaluator, self.learner, self.es = evaluator, learner, es
+        self.exact_jacobian = exact_jacobian
+        if self.needs.critic_objectives and learner is None and exact_jacobian is None:
+            raise ValueError(f"{algorithm.name} needs TD3 critics for objectives "
+                             f"{list(self.needs.critic_objectives)}: give a learner")
+        self.learner_rows = list(learner_rows if learner_rows is not None
+                                 else self.needs.learner_rows) if learner is not None else []
+        if self.needs.dqd and exact_jacobian is None:
+            self.es_rows = [r for r in range(self.num_rows) if r not in self.learner_rows]
         else:
-            self.learner_rows = []
-        self.es_rows = [r for r in range(self.num_rows) if r not in self.learner_rows]
-        if exact_jacobian is None and self.es_rows and es is None:
+            self.es_rows = []
+        if self.es_rows and es is None:
             raise ValueError(f"jacobian rows {self.es_rows} have no gradient source: "
                              "give an ES estimator, a learner or an exact jacobian")
-        ss = np.random.SeedSequence(seed)
-        archive_seed, result_seed, eval_seed, *emitter_seeds = ss.spawn(3 + algorithm.num_emitters)
+        self.td3_updates = td3_updates if learner is not None else 0
+        self.max_fitness, self.qd_offset = max_fitness, qd_offset
+        self.robustness_every, self.robustness_episodes = robustness_every, robustness_episodes
         self.archive_ranges = [tuple(r) for r in archive_ranges]
-        common = dict(solution_dim=solution_dim, dims=list(archive_dims),
-                      ranges=self.archive_ranges, qd_score_offset=qd_offset, dtype=dtype)
-        result_archive = None
-        if algorithm.name == "cma_maega":
-            tmin = qd_offset if algorithm.threshold_min is None else algorithm.threshold_min
-            archive = GridArchive(learning_rate=algorithm.archive_learning_rate,
-                                  threshold_min=tmin, seed=archive_seed.generate_state(1)[0],
-                                  **common)
-            result_archive = GridArchive(seed=result_seed.generate_state(1)[0], **common)
-        else:
-            archive = GridArchive(seed=archive_seed.generate_state(1)[0], **common)
-        emitters = [
-            GradientArborescenceEmitter(
-                archive, x0=np.asarray(x0), sigma0=algorithm.sigma0, lr=algorithm.lr,
-                grad_opt="gradient_ascent", es="pycma_es", selection_rule=algorithm.selection_rule,
-                restart_rule=algorithm.restart_rule, normalize_grad=algorithm.normalize_grad,
-                batch_size=algorithm.batch_size, seed=int(s.generate_state(1)[0]),
-            )
-            for s in emitter_seeds
-        ]
-        self.scheduler = MaskedScheduler(archive, emitters, result_archive=result_archive)
+        ss = np.random.SeedSequence(seed)
+        sched_seed, eval_seed = ss.spawn(2)
+        ctx = BuildContext(solution_dim=solution_dim, x0=np.asarray(x0),
+                           archive_dims=list(archive_dims), archive_ranges=self.archive_ranges,
+                           qd_offset=qd_offset, seed_sequence=sched_seed, dtype=dtype)
+        self.scheduler = self.module.build_scheduler(algorithm, ctx)
         self.rng = np.random.default_rng(eval_seed)
-        self.counters = {"iteration": 0, "evaluations": 0, "env_steps": 0, "invalid": 0,
-                         "nonfinite_gradients": 0, "greedy_inserted": 0, "critic_updates": 0}
+        self.counters = {k: 0 for k in COUNTERS}
+        self.robustness: dict[str, Any] = {"key": None, "value": None}
 
     # -- helpers ---------------------------------------------------------------
 
@@ -160,15 +111,19 @@ class Coordinator:
     def result_archive(self):
         return self.scheduler.result_archive
 
-    def _evaluate(self, genomes: np.ndarray) -> dict:
+    def _evaluate(self, genomes: np.ndarray, record: bool = True, count: bool = True) -> dict:
         seeds = self.rng.integers(0, 2**31 - 1, size=len(genomes))
-        out = self.evaluator.evaluate(genomes, seeds)
+        if record:
+            out = self.evaluator.evaluate(genomes, seeds)
+        else:
+            out = self.evaluator.evaluate(genomes, seeds, record=False)
         valid = np.asarray(out["valid"], bool).copy()
         valid &= np.isfinite(out["fitness"]) & np.isfinite(out["measures"]).all(axis=1)
         out["valid"] = valid
-        self.counters["evaluations"] += len(genomes)
-        self.counters["env_steps"] += int(out.get("env_steps", 0))
-        self.counters["invalid"] += int((~valid).sum())
+        if count:
+            self.counters["evaluations"] += len(genomes)
+            self.counters["env_steps"] += int(out.get("env_steps", 0))
+            self.counters["invalid"] += int((~valid).sum())
         return out
 
     def _finite_data(self, out: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -178,27 +133,29 @@ class Coordinator:
         meas = np.where(valid[:, None], np.nan_to_num(out["measures"]), lows)
         return obj, meas
 
-    def _es_rows(self, thetas: np.ndarray) -> np.ndarray:
-        """ES estimates of ``self.es_rows`` for each theta: ``(G, len(rows), D)``."""
+    def _es_points(self, thetas: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
         points, eps = [], []
         for theta in thetas:
             p, e = self.es.perturb(theta)
             points.append(p)
             eps.append(e)
-        out = self._evaluate(np.concatenate(points))
+        return np.concatenate(points), eps
+
+    def _es_estimates(self, out: dict, eps: list[np.ndarray]) -> np.ndarray:
         values = np.concatenate([out["fitness"][:, None], out["measures"]], axis=1)
         values = values[:, self.es_rows]
         values[~out["valid"]] = -np.inf  # invalid samples rank lowest
         n = self.es.num_samples
-        return np.stack([self.es.estimate(eps[i], values[i * n:(i + 1) * n])
-                         for i in range(len(thetas))])
+        return np.stack([self.es.estimate(e, values[i * n:(i + 1) * n])
+                         for i, e in enumerate(eps)])
 
-    def jacobian(self, thetas: np.ndarray) -> np.ndarray:
+    def jacobian(self, thetas: np.ndarray, es_out: tuple | None = None) -> np.ndarray:
         """The gradient rows an iteration tells the emitters, before normalization.
 
         Row 0 is fitness, row j the j-th measure, each uphill; rows come from
-        the learner, the ES estimate (evaluating the perturbed points), or the
-        exact jacobian, as configured. Non-finite rows are zeroed and counted.
+        the learner, the ES estimate (evaluating the perturbed points unless
+        ``es_out = (evaluation, eps)`` is given), or the exact jacobian.
+        Non-finite rows are zeroed and counted.
 
         Returns:
             ``(len(thetas), 1 + k, D)`` float64.
@@ -210,12 +167,32 @@ class Coordinator:
             if self.learner_rows:
                 jac[:, self.learner_rows] = self.learner.jacobian(thetas)
             if self.es_rows:
-                jac[:, self.es_rows] = self._es_rows(thetas)
+                if es_out is None:
+                    points, eps = self._es_points(thetas)
+                    es_out = (self._evaluate(points), eps)
+                jac[:, self.es_rows] = self._es_estimates(*es_out)
         bad = ~np.isfinite(jac).all(axis=2)
         if bad.any():
             self.counters["nonfinite_gradients"] += int(bad.sum())
             jac[bad] = 0.0
         return jac
+
+    def _emitter_requests(self, sols: np.ndarray) -> np.ndarray:
+        """Fills the rows emitters asked for: the greedy actor and PG variants."""
+        offset = 0
+        sols = np.array(sols)
+        for emitter, n in zip(self.scheduler.emitters, self.scheduler._num_emitted):
+            greedy = getattr(emitter, "greedy_rows", ())
+            vary = getattr(emitter, "vary_rows", ())
+            if len(greedy):
+                sols[offset + np.asarray(greedy)] = self.learner.greedy_genome()
+            if len(vary):
+                rows = offset + np.asarray(vary)
+                a = self.algorithm
+                sols[rows] = self.learner.pg_variation(sols[rows], a.pg_steps, a.pg_lr,
+                                                       a.pg_states)
+            offset += n
+        return sols
 
     # -- the iteration -----------------------------------------------------------
 
@@ -223,61 +200,78 @@ class Coordinator:
         t0 = time.perf_counter()
         steps0, evals0 = self.counters["env_steps"], self.counters["evaluations"]
         timings = {"rollout_s": 0.0, "gradient_s": 0.0, "train_s": 0.0}
-        train_info: dict = {}
-        if self.learner is not None and self.td3_updates > 0:
+        sched, needs = self.scheduler, self.needs
+        training = None
+        if self.td3_updates > 0 and needs.critic_updates:
+            training = self.learner.stage_training(self.td3_updates)
+        metrics: dict[str, Any] = {}
+
+        if needs.dqd:
+            thetas = sched.ask_dqd()
+            batch, eps = thetas, None
+            if self.es_rows and self.exact_jacobian is None:
+                points, eps = self._es_points(thetas)
+                batch = np.concatenate([thetas, points])
             t = time.perf_counter()
-            train_info = self.learner.train(self.td3_updates) or {}
+            out_all = self._evaluate(batch)
+            timings["rollout_s"] += time.perf_counter() - t
+            n = len(thetas)
+            out = {k: v[:n] if isinstance(v, np.ndarray) else v for k, v in out_all.items()}
+            es_out = None
+            if eps is not None:
+                es_out = ({k: v[n:] for k, v in out_all.items() if isinstance(v, np.ndarray)},
+                          eps)
+            t = time.perf_counter()
+            jac = self.jacobian(thetas, es_out)
+            timings["gradient_s"] += time.perf_counter() - t
+            norms = np.linalg.norm(jac, axis=2)  # before the emitter normalizes in place
+            metrics["grad_norm_fitness"] = float(norms[:, 0].mean())
+            metrics["grad_norm_measures"] = float(norms[:, 1:].mean())
+            obj, meas = self._finite_data(out)
+            sched.valid_mask = out["valid"]
+            sched.tell_dqd(obj, meas, jac)
+
+        sols = sched.ask()
+        t = time.perf_counter()
+        if needs.pg_variation:
+            sols = self._emitter_requests(sols)
+        batch = sols
+        if needs.greedy_insert:
+            batch = np.concatenate([np.asarray(self.learner.greedy_genome())[None], sols])
+        timings["gradient_s"] += time.perf_counter() - t
+        if training is not None:
+            training.start()
+        t = time.perf_counter()
+        out_b = self._evaluate(batch)
+        timings["rollout_s"] += time.perf_counter() - t
+        g = 1 if needs.greedy_insert else 0
+        if g:
+            metrics.update(self._insert_greedy(batch[:1], out_b))
+        rest = {k: v[g:] if isinstance(v, np.ndarray) else v for k, v in out_b.items()}
+        obj_b, meas_b = self._finite_data(rest)
+        sched.valid_mask = rest["valid"]
+        sched.tell(obj_b, meas_b)
+        sched.valid_mask = None
+        if out_b["valid"].any():
+            metrics["mean_evaluation"] = float(np.mean(out_b["fitness"][out_b["valid"]]))
+        if needs.pg_variation:
+            for emitter in sched.emitters:
+                if len(getattr(emitter, "greedy_rows", ())):
+                    metrics["greedy_fitness"] = float(out_b["fitness"][emitter.greedy_rows[0]])
+
+        train_info: dict = {}
+        if training is not None:
+            t = time.perf_counter()
+            train_info = training.wait() or {}
             self.counters["critic_updates"] += int(train_info.get("updates", 0))
             timings["train_s"] += time.perf_counter() - t
 
-        sched = self.scheduler
-        thetas = sched.ask_dqd()
-        t = time.perf_counter()
-        out = self._evaluate(thetas)
-        timings["rollout_s"] += time.perf_counter() - t
-        t = time.perf_counter()
-        jac = self.jacobian(thetas)
-        timings["gradient_s"] += time.perf_counter() - t
-        norms = np.linalg.norm(jac, axis=2)  # before the emitter normalizes in place
-        obj, meas = self._finite_data(out)
-        sched.valid_mask = out["valid"]
-        sched.tell_dqd(obj, meas, jac)
-
-        branches = sched.ask()
-        t = time.perf_counter()
-        out_b = self._evaluate(branches)
-        timings["rollout_s"] += time.perf_counter() - t
-        obj_b, meas_b = self._finite_data(out_b)
-        sched.valid_mask = out_b["valid"]
-        sched.tell(obj_b, meas_b)
-        sched.valid_mask = None
-
-        greedy = {}
-        if self.learner is not None and self.algorithm.insert_greedy:
-            t = time.perf_counter()
-            genome = np.asarray(self.learner.greedy_genome())[None]
-            out_g = self._evaluate(genome)
-            timings["rollout_s"] += time.perf_counter() - t
-            greedy["greedy_fitness"] = float(out_g["fitness"][0])
-            if out_g["valid"][0]:
-                data = dict(solution=genome, objective=out_g["fitness"],
-                            measures=out_g["measures"])
-                info = self.archive.add(**data)
-                if self.scheduler._result_archive is not None:
-                    self.result_archive.add(**data)
-                inserted = bool(info["status"][0] > 0)
-                # Not "greedy_inserted": that key is the cumulative counter.
-                greedy["greedy_inserted_this_iteration"] = inserted
-                self.counters["greedy_inserted"] += int(inserted)
-
         self.counters["iteration"] += 1
-        metrics = self.metrics()
-        metrics.update(greedy)
-        metrics.update(timings)
+        if self.robustness_every and self.counters["iteration"] % self.robustness_every == 0:
+            self._measure_robustness()
+        metrics = {**self.metrics(), **metrics, **timings}
         metrics["iteration_env_steps"] = self.counters["env_steps"] - steps0
         metrics["iteration_evaluations"] = self.counters["evaluations"] - evals0
-        metrics["grad_norm_fitness"] = float(norms[:, 0].mean())
-        metrics["grad_norm_measures"] = float(norms[:, 1:].mean())
         for key in ("critic_loss", "actor_loss"):
             if key in train_info:
                 vals = np.asarray(train_info[key], np.float64)
@@ -286,37 +280,93 @@ class Coordinator:
         metrics["iteration_s"] = time.perf_counter() - t0
         return metrics
 
+    def _insert_greedy(self, genome: np.ndarray, out: dict) -> dict:
+        """Inserts the greedy actor (row 0 of ``out``) before the emitters' batch."""
+        info = {"greedy_fitness": float(out["fitness"][0])}
+        if out["valid"][0]:
+            data = dict(solution=genome, objective=out["fitness"][:1],
+                        measures=out["measures"][:1])
+            status = self.archive.add(**data)["status"]
+            if self.scheduler._result_archive is not None:
+                self.result_archive.add(**data)
+            inserted = bool(status[0] > 0)
+            # Not "greedy_inserted": that key is the cumulative counter.
+            info["greedy_inserted_this_iteration"] = inserted
+            self.counters["greedy_inserted"] += int(inserted)
+        return info
+
+    def _measure_robustness(self) -> None:
+        """The best elite re-evaluated with new seeds: mean minus archived fitness.
+
+        As in the paper, the value is re-used while the best elite is unchanged.
+        """
+        archive = self.result_archive
+        if archive.empty:
+            return
+        best = archive.best_elite
+        sol = np.asarray(best["solution"])
+        key = hashlib.sha256(sol.tobytes()).hexdigest() + f":{float(best['objective'])!r}"
+        if key == self.robustness["key"]:
+            return
+        genomes = np.repeat(sol[None], self.robustness_episodes, axis=0)
+        out = self._evaluate(genomes, record=False, count=False)
+        self.counters["robustness_evaluations"] += len(genomes)
+        fit = out["fitness"][out["valid"]]
+        value = float(fit.mean() - float(best["objective"])) if len(fit) else None
+        self.robustness = {"key": key, "value": value}
+
     def metrics(self) -> dict[str, Any]:
-        stats = self.result_archive.stats
-        return {
+        archive = self.result_archive
+        stats = archive.stats
+        cells = int(np.prod(archive.dims))
+        out = {
             **self.counters,
             "qd_score": float(stats.qd_score),
-            "norm_qd_score": float(stats.norm_qd_score),
+            "qd_score_per_cell": float(stats.norm_qd_score),
             "coverage": float(stats.coverage),
             "num_elites": int(stats.num_elites),
             "best_fitness": None if stats.obj_max is None else float(stats.obj_max),
             "mean_fitness": None if stats.obj_mean is None else float(stats.obj_mean),
-            "restarts": int(sum(e.restarts for e in self.scheduler.emitters)),
+            "worst_fitness": None if archive.empty else float(archive.data("objective").min()),
+            "restarts": int(sum(getattr(e, "restarts", 0) for e in self.scheduler.emitters)),
         }
+        if self.max_fitness is not None:
+            out["norm_qd_score"] = float(stats.qd_score) / (
+                cells * (self.max_fitness - self.qd_offset))
+        if self.robustness_every:
+            out["robustness"] = self.robustness["value"]
+        return out
 
     # -- state -------------------------------------------------------------------
 
-    def state_dict(self) -> bytes:
-        """Archive(s), emitters (with pycma state), RNGs and counters."""
-        return cloudpickle.dumps({
-            "scheduler": self.scheduler,
-            "rng": self.rng.bit_generator.state,
-            "es_rng": None if self.es is None else self.es.rng.bit_generator.state,
-            "counters": dict(self.counters),
-        })
+    def state_dict(self) -> dict:
+        """Scheduler (archives, emitters, CMA-ES), RNGs and counters as JSON plus arrays.
 
-    def load_state_dict(self, blob: bytes) -> None:
-        state = cloudpickle.loads(blob)
-        self.scheduler = state["scheduler"]
-        self.rng.bit_generator.state = state["rng"]
-        if self.es is not None and state["es_rng"] is not None:
-            self.es.rng.bit_generator.state = state["es_rng"]
-        self.counters = dict(state["counters"])
+        The archives are stored as their occupied cells only (see
+        :mod:`dqd_ray.statecodec`); nothing in it is pickled.
+        """
+        tree, arrays = statecodec.encode({
+            "scheduler": self.scheduler,
+            "rng": self.rng,
+            "es_rng": None if self.es is None else self.es.rng,
+            "counters": dict(self.counters),
+            "robustness": dict(self.robustness),
+        })
+        return {"tree": tree, "arrays": arrays}
+
+    def load_state_dict(self, state: dict) -> None:
+        fresh = {"scheduler": self.scheduler, "rng": self.rng,
+                 "es_rng": None if self.es is None else self.es.rng,
+                 "counters": self.counters, "robustness": self.robustness}
+        out = statecodec.restore(fresh, state["tree"], state["arrays"])
+        if not isinstance(out.get("scheduler"), MaskedScheduler):
+            raise statecodec.StateError("checkpoint holds no scheduler")
+        self.scheduler = out["scheduler"]
+        self.rng = out["rng"]
+        if self.es is not None and out["es_rng"] is not None:
+            self.es.rng = out["es_rng"]
+        self.counters = {k: int(out["counters"].get(k, 0)) for k in COUNTERS}
+        self.robustness = dict(out["robustness"])
 
     def archive_arrays(self) -> dict[str, np.ndarray]:
         """The result archive as plain arrays (for npz checkpoints and plots)."""

@@ -66,11 +66,16 @@ class RolloutWorker:
         sink: Called with each chunk; chunks are returned by ``evaluate`` if None.
         hidden_sizes: Used when ``policy_spec`` is None.
         activation: Used when ``policy_spec`` is None.
+        time_limit_done: Record episodes cut by the time limit as done (the
+            paper's choice). Default False: the TD target bootstraps through a
+            truncation, the correct target for a time limit that is not part
+            of the state.
     """
 
     def __init__(self, env_id: str, policy_spec: PolicySpec | None = None, *, num_envs: int = 1,
                  episode_length: int = 1000, chunk_size: int = 1000, sink: Sink | None = None,
-                 hidden_sizes=(128, 128), activation: str = "tanh"):
+                 hidden_sizes=(128, 128), activation: str = "tanh",
+                 time_limit_done: bool = False):
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
         meta = env_metadata(env_id)
@@ -79,6 +84,7 @@ class RolloutWorker:
         self.envs = [make_env(env_id, max_episode_steps=episode_length) for _ in range(num_envs)]
         self.measure_dim = meta.measure_dim
         self.chunk_size = chunk_size
+        self.time_limit_done = bool(time_limit_done)
         self._sink = sink
         self.total_env_steps = 0
         self.busy_s = 0.0
@@ -183,7 +189,7 @@ class RolloutWorker:
                     continue
                 if builders[s] is not None:
                     builders[s].add(obs[s], actions[row], (rew, *info["measures_step"]), nxt,
-                                    float(term))
+                                    float(term or (trunc and self.time_limit_done)))
                 obs[s] = nxt
                 if term or trunc:
                     fitness[gi] = env.episode_return

@@ -35,7 +35,9 @@ class RobotSpec:
         terminates: Whether a negative alive bonus ends the episode.
         archive_dims: Default archive resolution per measure.
         qd_offset: QD-score offset (added to every objective before summing).
-        reward_threshold: Best-known episode return used for normalization.
+        reward_threshold: The maximum fitness of the paper's normalized QD
+            score (QD score / (cells x (max - offset))); also gymnasium's
+            reward threshold.
     """
 
     env_id: str
@@ -53,6 +55,10 @@ class RobotSpec:
     qd_offset: float
     reward_threshold: float
     robot_name: str = "torso"
+
+    @property
+    def max_fitness(self) -> float:
+        return self.reward_threshold
 
     @property
     def measure_dim(self) -> int:
@@ -123,7 +129,7 @@ ROBOTS: dict[str, RobotSpec] = {
             measure_names=("foot",),
             alive=_alive_upright,
             terminates=True,
-            archive_dims=(1024,),
+            archive_dims=(1000,),
             qd_offset=-362.09,
             reward_threshold=2500.0,
         ),
