@@ -6,11 +6,20 @@ a half-written checkpoint under a real name. Inside:
 
 - ``manifest.json``: format version, iteration, resolved config, and the
   size and sha256 of every file (written last);
-- ``archive.npz``: the result archive (solutions, objectives, measures, index);
-- ``coordinator.pkl``: scheduler, emitters (with pycma state), RNGs, counters;
+- ``archive.npz``: the result archive's occupied cells (solutions, objectives,
+  measures, index), for plots and analysis;
+- ``coordinator.json`` + ``coordinator.npz``: scheduler, archives (occupied
+  cells only), emitters, CMA-ES state, RNGs and counters as a JSON tree and
+  numeric arrays (see :mod:`dqd_ray.statecodec`), restored onto a freshly
+  built coordinator through an explicit allowlist of types;
 - ``learner_<i>.pt``: TD3 ensembles and optimizers (torch state dicts, load
   with ``weights_only=True``);
 - ``replay.npz`` (+ ``replay.json``): replay contents, when configured.
+
+Nothing in a checkpoint is pickled and loading one runs no code from it:
+arrays are read with ``allow_pickle=False``, torch files with
+``weights_only=True``, and the coordinator's tree admits only allowlisted
+types.
 """
 
 from __future__ import annotations
@@ -27,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-FORMAT_VERSION = 2  # 2: one target-noise stream per TD3 agent
+FORMAT_VERSION = 3  # 2: one target-noise stream per TD3 agent; 3: no pickle
 MANIFEST = "manifest.json"
 
 
@@ -75,7 +84,7 @@ def save_checkpoint(ckpt_root: str | os.PathLike, iteration: int, state: dict[st
     Args:
         ckpt_root: The run's ``checkpoints`` directory.
         iteration: Completed iterations.
-        state: ``coordinator`` (bytes), ``archive`` (dict of arrays),
+        state: ``coordinator`` (``{"tree", "arrays"}``), ``archive`` (dict of arrays),
             ``learners`` (list of state dicts), optional ``replay`` (replay
             state dict) and ``extra`` (JSON-able).
         config: Resolved config (JSON-able dict).
@@ -87,7 +96,9 @@ def save_checkpoint(ckpt_root: str | os.PathLike, iteration: int, state: dict[st
     tmp = root / f".tmp_ckpt_{iteration:07d}_{os.getpid()}_{time.time_ns()}"
     tmp.mkdir()
     try:
-        (tmp / "coordinator.pkl").write_bytes(state["coordinator"])
+        coord = state["coordinator"]
+        (tmp / "coordinator.json").write_text(json.dumps(coord["tree"]))
+        np.savez(tmp / "coordinator.npz", **coord["arrays"])
         np.savez(tmp / "archive.npz", **state["archive"])
         for i, ls in enumerate(state.get("learners", [])):
             torch.save(_plain(ls), tmp / f"learner_{i}.pt")
@@ -164,18 +175,36 @@ def latest_valid(ckpt_root: str | os.PathLike) -> tuple[Path, dict] | None:
 
 
 def load_checkpoint(path: Path, manifest: dict) -> dict[str, Any]:
+    """Reads a verified checkpoint: JSON, numeric arrays and weights-only torch files.
+
+    Raises:
+        CheckpointError: A file that is not what the format allows.
+    """
+    try:
+        tree = json.loads((path / "coordinator.json").read_text())
+        with np.load(path / "coordinator.npz", allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: unreadable coordinator state ({err})") from None
+    import dqd_ray.algorithms  # noqa: F401 - registers the allowlisted types
+    from dqd_ray.statecodec import StateError, validate
+
+    try:
+        validate(tree, arrays)
+    except StateError as err:
+        raise CheckpointError(f"{path}: refusing the coordinator state: {err}") from None
     state: dict[str, Any] = {
-        "coordinator": (path / "coordinator.pkl").read_bytes(),
+        "coordinator": {"tree": tree, "arrays": arrays},
         "learners": [torch.load(path / f"learner_{i}.pt", weights_only=True, map_location="cpu")
                      for i in range(manifest["num_learners"])],
         "extra": manifest.get("extra", {}),
     }
-    with np.load(path / "archive.npz") as z:
+    with np.load(path / "archive.npz", allow_pickle=False) as z:
         state["archive"] = {k: z[k] for k in z.files}
     if manifest.get("has_replay"):
         meta = json.loads((path / "replay.json").read_text())
         meta["shapes"] = tuple(meta["shapes"])
-        with np.load(path / "replay.npz") as z:
+        with np.load(path / "replay.npz", allow_pickle=False) as z:
             meta["data"] = {k: z[k] for k in z.files}
         state["replay"] = meta
     return state

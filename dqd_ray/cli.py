@@ -38,7 +38,7 @@ def _print_result(summary: dict) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from dqd_ray.config import build_config
-    from dqd_ray.runner import Experiment
+    from dqd_ray.loop import Experiment
 
     cfg = build_config(args.preset, args.config, args.set)  # fails before Ray starts
     backend = "inprocess" if args.local_inprocess else "ray"
@@ -50,7 +50,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
-    from dqd_ray.runner import Experiment
+    from dqd_ray.loop import Experiment
 
     backend = "inprocess" if args.local_inprocess else "ray"
     exp = Experiment.resume(args.run_dir, args.set, backend=backend, address=args.address,

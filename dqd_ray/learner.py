@@ -42,6 +42,25 @@ def loss_metrics(stats: dict) -> dict:
     return out
 
 
+class StagedTraining:
+    """Critic updates whose batches are already drawn: ``start()``, then ``wait()``.
+
+    In process the updates run inside ``wait()``; the Ray learner group
+    starts them on the learner actors in ``start()``. The numbers are the
+    same either way, since the batches were fixed when staging.
+    """
+
+    def __init__(self, run: Callable[[], dict], start: Callable[[], None] | None = None):
+        self._run, self._start = run, start
+
+    def start(self) -> None:
+        if self._start is not None:
+            self._start()
+
+    def wait(self) -> dict:
+        return self._run()
+
+
 class Learner:
     """TD3 critics for some objectives, trained from a sampler.
 
@@ -75,6 +94,7 @@ class Learner:
         self.device = device
         self.rng = np.random.default_rng(seed)
         self.last_losses: dict = {}
+        self._staged: dict | None = None
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -97,6 +117,31 @@ class Learner:
         if num_updates <= 0 or not self.ready():
             return {"updates": 0}
         batches = self.sampler.sample(self.cfg.batch_size, num_updates, self._seed())
+        return self.train_on(batches)
+
+    def stage_training(self, num_updates: int) -> "StagedTraining":
+        """Samples the batches of ``num_updates`` updates now; trains on ``start()``.
+
+        The coordinator stages at the start of an iteration (the experience up
+        to the previous iteration, as the paper trains) and starts the updates
+        while the batch is being evaluated.
+        """
+        staged = self.stage(num_updates)
+        return StagedTraining(lambda: self.train_staged(staged))
+
+    def stage(self, num_updates: int) -> int:
+        """Samples and keeps the batches of ``num_updates`` updates; returns how many."""
+        self._staged = None
+        if num_updates > 0 and self.ready():
+            self._staged = self.sampler.sample(self.cfg.batch_size, num_updates, self._seed())
+            return num_updates
+        return 0
+
+    def train_staged(self, staged: int | None = None) -> dict:
+        """Trains on the batches :meth:`stage` kept (none staged: no update)."""
+        batches, self._staged = getattr(self, "_staged", None), None
+        if batches is None:
+            return {"updates": 0}
         return self.train_on(batches)
 
     def train_on(self, batches: dict) -> dict:
@@ -179,6 +224,24 @@ class Learner:
             states = self.sampler.sample_states(self.cfg.jacobian_states, self._seed())
         with self._lock:
             return self.ensemble.jacobian(np.asarray(genomes, np.float32), states)
+
+    def pg_variation(self, genomes: np.ndarray, steps: int, lr: float,
+                     num_states: int) -> np.ndarray:
+        """PG variation of ``genomes`` up the fitness critic (see TD3Ensemble.pg_variation).
+
+        Every step of every genome gets ``num_states`` fresh buffer states.
+        """
+        if 0 not in self.objectives:
+            raise RuntimeError("this learner does not own the fitness agent")
+        genomes = np.asarray(genomes, np.float32)
+        g = len(genomes)
+        if self.sampler is None or self.sampler.size() == 0:
+            raise RuntimeError("PG variation needs states: the replay buffer is empty")
+        states = self.sampler.sample_states(steps * g * num_states, self._seed())
+        states = np.asarray(states, np.float32).reshape(steps, g, num_states, -1)
+        with self._lock:
+            return self.ensemble.pg_variation(genomes, states, lr,
+                                              agent=self.objectives.index(0))
 
     def greedy_genome(self) -> np.ndarray:
         if 0 not in self.objectives:

@@ -156,8 +156,22 @@ def restore(fresh: Any, tree: Any, arrays: dict[str, np.ndarray]) -> Any:
         StateError: The tree names a class outside the allowlist, holds an
             unknown node, or does not fit the fresh object (another config).
     """
-    _check(tree, arrays, "root")  # validate everything before touching anything
+    validate(tree, arrays)  # everything, before touching anything
     return _dec(fresh, tree, arrays, "root")
+
+
+def validate(tree: Any, arrays: dict[str, np.ndarray]) -> None:
+    """Checks a whole tree (allowlisted types, known nodes, arrays present).
+
+    Raises:
+        StateError: Naming the first offending node.
+    """
+    try:
+        _check(tree, arrays, "root")
+    except StateError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, StopIteration) as err:
+        raise StateError(f"malformed state tree ({type(err).__name__}: {err})") from None
 
 
 def _check(node, arrays: dict, path: str) -> None:

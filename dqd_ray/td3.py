@@ -228,6 +228,38 @@ class TD3Ensemble:
         (grads,) = torch.autograd.grad(per_obj, theta, grad_outputs=eye, is_grads_batched=True)
         return grads.permute(1, 0, 2).detach().cpu().double().numpy()
 
+    def pg_variation(self, genomes: np.ndarray, states: np.ndarray, lr: float,
+                     agent: int = 0) -> np.ndarray:
+        """PGA-ME's policy-gradient variation: Adam steps up ``agent``'s Q1.
+
+        Each genome is its own actor with its own Adam moments (Adam is
+        elementwise and each genome's loss depends on its own weights only, so
+        one batched optimizer over the stacked genomes is exactly that).
+
+        Args:
+            genomes: ``(G, D)`` parents.
+            states: ``(steps, G, S, obs)``: fresh states for every step and genome.
+            lr: Adam learning rate.
+            agent: Which agent's critic (0 = fitness).
+
+        Returns:
+            ``(G, D)`` float32 variants.
+        """
+        genomes = self.spec.check(genomes)
+        theta = self._to(genomes).clone().requires_grad_(True)
+        opt = torch.optim.Adam([theta], lr=lr)
+        q1_model = slice(2 * agent, 2 * agent + 1)
+        for step_states in states:
+            s = self._to(step_states)  # (G, S, obs)
+            act = self.spec.forward_torch(theta, s)  # (G, S, A)
+            x = torch.cat([s, act], dim=-1).reshape(1, -1, s.shape[-1] + act.shape[-1])
+            q1 = self.critic(x, select=q1_model).reshape(s.shape[0], s.shape[1])
+            loss = -q1.mean(dim=1).sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return theta.detach().cpu().numpy().astype(np.float32)
+
     def greedy_genome(self, agent: int = 0) -> np.ndarray:
         """The actor of ``agent`` (0 = fitness) as a flat policy genome."""
         layers = []

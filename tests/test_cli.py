@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dqd_ray.cli import main
-from dqd_ray.runner import read_metrics
+from dqd_ray.loop import read_metrics
 
 TINY = ["env.episode_length=40", "algorithm.batch_size=4", "td3.batch_size=32",
         "td3.critic_hidden_sizes=[32,32]", "td3.train_steps_per_iteration=5",

@@ -20,7 +20,7 @@ from dqd_ray.config import build_config
 from dqd_ray.inprocess import InProcessSystem
 from dqd_ray.learner import Learner
 from dqd_ray.rollout import RolloutWorker
-from dqd_ray.runner import Experiment, read_metrics
+from dqd_ray.loop import Experiment, read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

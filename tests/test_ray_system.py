@@ -18,7 +18,7 @@ import torch
 from dqd_ray import checkpoint as ckpt
 from dqd_ray.cli import main
 from dqd_ray.config import ConfigError, build_config
-from dqd_ray.runner import Experiment, read_metrics
+from dqd_ray.loop import Experiment, read_metrics
 
 pytestmark = pytest.mark.slow
 

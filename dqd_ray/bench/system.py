@@ -33,9 +33,9 @@ def run(workers: int | None = None, env_id: str = "QDAntBulletEnv-v0", genomes: 
     import ray
 
     from dqd_ray.config import build_config
-    from dqd_ray.graph import RaySystem
+    from dqd_ray.loop import init_ray
     from dqd_ray.rollout import RolloutWorker
-    from dqd_ray.runner import init_ray
+    from dqd_ray.system import System
 
     init_ray()
     cpus = int(ray.cluster_resources().get("CPU", 1))
@@ -57,8 +57,8 @@ def run(workers: int | None = None, env_id: str = "QDAntBulletEnv-v0", genomes: 
     single_sps = out_a["env_steps"] / (time.perf_counter() - t)
     local.close()
 
-    system = RaySystem(cfg)
-    ev = system.graph.evaluator
+    system = System(cfg, "ray")
+    ev = system.evaluator
     ev.evaluate(pop[:n], seeds[:n])  # warm up actors and imports
 
     def timed() -> tuple[float, dict]:

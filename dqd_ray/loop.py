@@ -1,7 +1,9 @@
-"""The driver loop: run or resume an experiment.
+"""The one driver loop: run or resume an experiment.
 
-Validates the config before Ray starts, builds the system (Ray actor graph,
-or everything in process with ``backend="inprocess"``), loops over
+Shared by ``dqd-ray run``/``resume`` (the CLI only parses arguments) and the
+Tune trainable. Validates the config before Ray starts, builds the system
+with :func:`dqd_ray.system.build` (Ray actors, or everything in process with
+``backend="inprocess"``), loops over
 iterations until the budget, writes metrics (progress bar, metrics.jsonl,
 wandb) and checkpoints, and shuts down cleanly.
 
@@ -45,7 +47,7 @@ Backend = Literal["ray", "inprocess"]
 
 def default_run_dir(cfg: ExperimentConfig) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    name = cfg.preset or f"{cfg.algorithm.name}_{cfg.algorithm.gradients}"
+    name = cfg.preset or cfg.algorithm.name
     return Path("runs") / f"{stamp}_{name}_{cfg.env.id.split('BulletEnv')[0]}_s{cfg.seed}"
 
 
@@ -111,14 +113,9 @@ class GracefulStop:
 
 
 def make_system(cfg: ExperimentConfig, backend: Backend, torch_threads: int | None = None):
-    torch_threads = torch_threads or cfg.resources.torch_threads
-    if backend == "inprocess":
-        from dqd_ray.inprocess import InProcessSystem
+    from dqd_ray.system import build
 
-        return InProcessSystem(cfg, torch_threads=torch_threads)
-    from dqd_ray.graph import RaySystem
-
-    return RaySystem(cfg, torch_threads=torch_threads)
+    return build(cfg, backend, torch_threads=torch_threads)
 
 
 class Experiment:
@@ -199,14 +196,22 @@ class Experiment:
                 ``wants_archive(iteration)``, ``close()``), after the built-in ones.
         """
         cfg = self.cfg
+        state = None
+        if self.resume_state is not None:  # read and checked before anything starts
+            state = ckpt.load_checkpoint(*self.resume_state)
         if self.backend == "ray":
             init_ray(self.address, self.num_cpus)
         system = make_system(cfg, self.backend, self.torch_threads)
         start_iter, self.wall_s = 0, 0.0
-        if self.resume_state is not None:
+        if state is not None:
             path, manifest = self.resume_state
-            state = ckpt.load_checkpoint(path, manifest)
-            system.load(state)
+            try:
+                system.load(state)
+            except Exception as err:  # noqa: BLE001 - any restore failure is a bad checkpoint
+                system.close()
+                cause = str(err).strip().splitlines()[-1] if str(err).strip() else repr(err)
+                raise ckpt.CheckpointError(f"{path}: cannot restore this checkpoint "
+                                           f"({cause})") from err
             start_iter = int(manifest["iteration"])
             self.wall_s = float(state["extra"].get("wall_s", 0.0))
             print(f"resumed from {path} (iteration {start_iter})")

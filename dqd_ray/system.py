@@ -1,0 +1,608 @@
+"""The roles' interfaces and the one builder of a run's system.
+
+Every role is a plain class (RolloutWorker, ReplayBuffer, Learner,
+Coordinator). :func:`build` creates all of them from one config through a
+*placement*:
+
+- :class:`InProcess`: plain objects in this process (debugging, tests);
+- :class:`OnRay`: actors, ``ray.remote(**options)(cls).remote(...)``.
+
+The wiring (who evaluates on which workers, which learner owns which
+critics, where transitions go) is written once, over the placement's
+``make``/``call``/``get``, the way RLlib builds local and remote env runners
+from one code path. Both placements honour every ``resources`` field; where
+the in-process one must differ it says so in a warning.
+
+Interfaces (duck-typed; see the Protocols below):
+
+- evaluator: ``evaluate(genomes, seeds, record=True) -> {"fitness", "measures",
+  "length", "valid", "env_steps"}``;
+- gradient source (the learners): ``jacobian``, ``greedy_genome``,
+  ``pg_variation``, ``stage_training``, ``stats``;
+- replay sampler: ``size``, ``sample``, ``sample_states``; replay sink:
+  ``sink(chunk, key=None)``;
+- saveable: ``state_dict()``, ``load_state_dict(state)``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Protocol
+
+import numpy as np
+
+from dqd_ray import algorithms
+from dqd_ray.config import ExperimentConfig
+from dqd_ray.coordinator import Coordinator
+from dqd_ray.envs import env_metadata
+from dqd_ray.es_gradients import ESGradient
+from dqd_ray.learner import Learner, StagedTraining, loss_metrics
+from dqd_ray.policy import PolicySpec
+from dqd_ray.replay import ReplayBuffer
+from dqd_ray.rollout import RolloutWorker
+
+log = logging.getLogger(__name__)
+
+
+# -- interfaces ----------------------------------------------------------------------
+
+
+class Evaluator(Protocol):
+    def evaluate(self, genomes: np.ndarray, seeds: np.ndarray, record: bool = True) -> dict: ...
+
+
+class GradientSource(Protocol):
+    def jacobian(self, genomes: np.ndarray) -> np.ndarray: ...
+    def greedy_genome(self) -> np.ndarray: ...
+    def pg_variation(self, genomes: np.ndarray, steps: int, lr: float,
+                     num_states: int) -> np.ndarray: ...
+    def stage_training(self, num_updates: int) -> StagedTraining: ...
+    def stats(self) -> dict: ...
+
+
+class ReplaySampler(Protocol):
+    def size(self) -> int: ...
+    def sample(self, batch_size: int, num_batches: int, seed: int | None = None) -> dict: ...
+    def sample_states(self, n: int, seed: int | None = None) -> np.ndarray: ...
+
+
+class Saveable(Protocol):
+    def state_dict(self) -> Any: ...
+    def load_state_dict(self, state: Any) -> None: ...
+
+
+# -- placements ----------------------------------------------------------------------
+
+
+class _Done:
+    """An in-process call's result, shaped like a future."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+class InProcess:
+    """Roles as plain objects; calls run at once, in this process."""
+
+    name = "inprocess"
+
+    def make(self, cls, options: dict, *args, **kw):
+        return cls(*args, **kw)
+
+    def call(self, handle, method: str, *args, group: str | None = None, **kw):
+        return _Done(getattr(handle, method)(*args, **kw))
+
+    def get(self, futures):
+        if isinstance(futures, list):
+            return [f.value for f in futures]
+        return futures.value
+
+    def wait_any(self, futures: list) -> tuple[Any, list]:
+        return futures[0], futures[1:]
+
+    def put(self, value):
+        return value
+
+    def sink(self, replay):
+        return replay.add
+
+    def sampler(self, replay):
+        return replay
+
+    def kill(self, handle) -> None:
+        close = getattr(handle, "close", None)
+        if close is not None:
+            close()
+
+
+class OnRay:
+    """Roles as Ray actors; calls return object refs."""
+
+    name = "ray"
+
+    def make(self, cls, options: dict, *args, **kw):
+        import ray
+
+        return ray.remote(**options)(cls).remote(*args, **kw)
+
+    def call(self, handle, method: str, *args, group: str | None = None, **kw):
+        m = getattr(handle, method)
+        if group is not None:
+            m = m.options(concurrency_group=group)
+        return m.remote(*args, **kw)
+
+    def get(self, futures):
+        import ray
+
+        return ray.get(futures)
+
+    def wait_any(self, futures: list) -> tuple[Any, list]:
+        import ray
+
+        done, rest = ray.wait(futures, num_returns=1)
+        return done[0], rest
+
+    def put(self, value):
+        import ray
+
+        return ray.put(value)
+
+    def sink(self, replay):
+        return ReplaySink(replay)
+
+    def sampler(self, replay):
+        return ReplayActorSampler(replay)
+
+    def kill(self, handle) -> None:
+        import ray
+
+        try:
+            ray.kill(handle)
+        except Exception:  # noqa: BLE001 - best effort during shutdown
+            pass
+
+
+PLACEMENTS = {"inprocess": InProcess, "ray": OnRay}
+
+
+# -- adapters over the replay actor ----------------------------------------------------
+
+
+class ReplaySink:
+    """Sends transition chunks to the replay actor with bounded backpressure."""
+
+    def __init__(self, replay, max_in_flight: int = 2):
+        self.replay, self.max_in_flight = replay, max_in_flight
+        self._pending: list = []
+
+    def __call__(self, chunk: dict, key: tuple | None = None) -> None:
+        import ray
+
+        while len(self._pending) >= self.max_in_flight:
+            done, self._pending = ray.wait(self._pending, num_returns=1)
+            ray.get(done)
+        self._pending.append(self.replay.add.remote(chunk, key))
+
+    def drain(self) -> None:
+        import ray
+
+        if self._pending:
+            ray.get(self._pending)
+            self._pending = []
+
+    def __getstate__(self):
+        return {"replay": self.replay, "max_in_flight": self.max_in_flight, "_pending": []}
+
+
+class _Future:
+    def __init__(self, ref):
+        self.ref = ref
+
+    def get(self):
+        import ray
+
+        return ray.get(self.ref)
+
+
+class ReplayActorSampler:
+    """A learner's sampler over the replay actor."""
+
+    def __init__(self, replay):
+        self.replay = replay
+
+    def size(self) -> int:
+        import ray
+
+        return ray.get(self.replay.size.remote())
+
+    def sample(self, batch_size: int, num_batches: int, seed: int | None = None) -> dict:
+        import ray
+
+        return ray.get(self.replay.sample.remote(batch_size, num_batches, seed))
+
+    def sample_async(self, batch_size: int, num_batches: int, seed: int | None = None):
+        return _Future(self.replay.sample.remote(batch_size, num_batches, seed))
+
+    def sample_states(self, n: int, seed: int | None = None):
+        import ray
+
+        return ray.get(self.replay.sample_states.remote(n, seed))
+
+
+# -- the evaluator and the learner group, over any placement ---------------------------
+
+
+class PooledEvaluator:
+    """Evaluates genomes on the rollout workers, a few genomes per call.
+
+    On Ray, chunks go to actors as they free up (two queued per actor), so
+    long and short episodes balance; actors restart and retry, and a chunk's
+    result is taken once. In process the chunks run one after another. In
+    keyed mode (sync learners) transitions are staged per genome and the
+    replay buffer commits them in genome order after each call, so which
+    worker ran which genome changes nothing.
+    """
+
+    def __init__(self, placement, workers: list, replay, chunk: int = 4, keyed: bool = False):
+        self.placement, self.workers, self.replay = placement, list(workers), replay
+        self.chunk, self.keyed = chunk, keyed
+        self.calls = 0
+
+    def evaluate(self, genomes: np.ndarray, seeds: np.ndarray, record: bool = True) -> dict:
+        p = self.placement
+        genomes = np.ascontiguousarray(genomes, np.float32)
+        seeds = np.asarray(seeds)
+        n = len(genomes)
+        ref = p.put(genomes)
+        parts = [np.arange(i, min(i + self.chunk, n)) for i in range(0, n, self.chunk)]
+        todo = list(range(len(parts)))
+        running: dict = {}
+        free = list(range(len(self.workers))) * 2
+        results: dict[int, dict] = {}
+        call = self.calls
+        self.calls += 1
+        keyed = self.keyed and record
+        while todo or running:
+            while todo and free:
+                w, part = free.pop(0), todo.pop(0)
+                idx = parts[part]
+                keys = [(call, int(i)) for i in idx] if keyed else None
+                fut = p.call(self.workers[w], "evaluate_indices", ref, idx, seeds[idx], keys,
+                             record)
+                running[id(fut)] = (fut, w, part)
+            done, _ = p.wait_any([f for f, _, _ in running.values()])
+            _, w, part = running.pop(id(done))
+            results[part] = p.get(done)
+            free.append(w)
+        if keyed:
+            p.get(p.call(self.replay, "commit"))
+        k = results[0]["measures"].shape[1] if n else 0
+        out = {"fitness": np.empty(n), "measures": np.empty((n, k)),
+               "length": np.empty(n, np.int64), "valid": np.empty(n, bool), "env_steps": 0}
+        for part, res in results.items():
+            idx = parts[part]
+            for key in ("fitness", "measures", "length", "valid"):
+                out[key][idx] = res[key]
+            out["env_steps"] += int(res["env_steps"])
+        return out
+
+
+class LearnerGroup:
+    """The learners as one gradient source: rows reassembled in objective order."""
+
+    def __init__(self, placement, learners: list, objectives: list[list[int]]):
+        self.placement, self.learners = placement, list(learners)
+        self.objectives = [list(o) for o in objectives]
+        self.rows = [o for objs in self.objectives for o in objs]
+
+    def _all(self, method: str, *args, group: str | None = "grad") -> list:
+        p = self.placement
+        return p.get([p.call(lr, method, *args, group=group) for lr in self.learners])
+
+    def _fitness_learner(self):
+        for lr, objs in zip(self.learners, self.objectives):
+            if 0 in objs:
+                return lr
+        raise RuntimeError("no learner owns the fitness agent")
+
+    def train(self, num_updates: int) -> dict:
+        return _merge_losses(self._all("train", num_updates, group=None), self.objectives)
+
+    def stage_training(self, num_updates: int) -> StagedTraining:
+        p = self.placement
+        self._all("stage", num_updates)
+        started: list = []
+
+        def start() -> None:
+            started.extend(p.call(lr, "train_staged", group="train") for lr in self.learners)
+
+        def wait() -> dict:
+            if not started:
+                start()
+            return _merge_losses(p.get(started), self.objectives)
+
+        return StagedTraining(wait, start)
+
+    def jacobian(self, genomes: np.ndarray) -> np.ndarray:
+        ref = self.placement.put(np.asarray(genomes, np.float32))
+        return np.concatenate(self._all("jacobian", ref), axis=1)  # rows in self.rows order
+
+    def greedy_genome(self) -> np.ndarray:
+        p = self.placement
+        return p.get(p.call(self._fitness_learner(), "greedy_genome", group="grad"))
+
+    def pg_variation(self, genomes, steps: int, lr: float, num_states: int) -> np.ndarray:
+        p = self.placement
+        return p.get(p.call(self._fitness_learner(), "pg_variation", genomes, steps, lr,
+                            num_states, group="grad"))
+
+    def stats(self) -> dict:
+        outs = self._all("stats")
+        merged = _merge_losses(outs, self.objectives)
+        merged["updates"] = int(min(o["updates"] for o in outs))
+        merged["busy_s"] = float(sum(o["busy_s"] for o in outs))
+        return merged
+
+
+def _merge_losses(outs: list[dict], objectives: list[list[int]]) -> dict:
+    # Every learner does the same updates on its own critics: count them once.
+    merged: dict = {"updates": int(min(o.get("updates", 0) for o in outs)) if outs else 0}
+    if not any("critic_loss" in o for o in outs):
+        return merged
+    for key in ("critic_loss", "actor_loss"):
+        vals = []
+        for o, objs in zip(outs, objectives):
+            vals.extend(np.asarray(o.get(key, [np.nan] * len(objs)), np.float64).tolist())
+        merged[key] = vals
+    return merged
+
+
+# -- seeds and sizes -----------------------------------------------------------------
+
+
+class Seeds:
+    """All seeds of a run, spawned from the root seed."""
+
+    def __init__(self, root: int):
+        ss = np.random.SeedSequence(root)
+        (self.coordinator, self.policy, self.replay, self.learners,
+         self.es, self.workers) = ss.spawn(6)
+
+    @staticmethod
+    def to_int(ss: np.random.SeedSequence) -> int:
+        return int(ss.generate_state(1)[0])
+
+
+def algorithm_needs(cfg: ExperimentConfig) -> algorithms.Needs:
+    k = env_metadata(cfg.env.id).measure_dim
+    return algorithms.get(cfg.algorithm.name).needs(cfg.algorithm, k)
+
+
+def learner_objectives(cfg: ExperimentConfig) -> list[int]:
+    """Objectives with a TD3 critic (none: no learner is built)."""
+    return list(algorithm_needs(cfg).critic_objectives)
+
+
+def split_objectives(objectives: list[int], num_learners: int) -> list[list[int]]:
+    """Splits the critics between learners as evenly as possible (none empty)."""
+    n = max(1, min(num_learners, len(objectives)))
+    return [[int(o) for o in part] for part in np.array_split(objectives, n)]
+
+
+def initial_theta(cfg: ExperimentConfig, spec: PolicySpec, seeds: Seeds) -> np.ndarray:
+    if cfg.algorithm.x0_from_policy_init:
+        return spec.init_genome(np.random.default_rng(seeds.policy))
+    return np.zeros(spec.genome_dim, np.float32)
+
+
+class GPUUnavailableError(RuntimeError):
+    pass
+
+
+def _warn(msg: str) -> None:
+    log.warning(msg)
+    print(f"warning: {msg}")
+
+
+def resolve_resources(cfg: ExperimentConfig, placement: str = "ray") -> tuple[int, float]:
+    """(rollout workers, GPUs per learner) for this placement.
+
+    On Ray: from the connected cluster's resources. In process: one worker
+    unless set, GPUs if torch sees one.
+
+    Raises:
+        GPUUnavailableError: GPUs requested strictly but there are none.
+    """
+    r = cfg.resources
+    gpus = r.num_gpus_per_learner
+    n_learners = len(split_objectives(learner_objectives(cfg), r.num_learners)) \
+        if learner_objectives(cfg) else 0
+    if placement == "ray":
+        import ray
+
+        res = ray.cluster_resources()
+        have_gpus = res.get("GPU", 0)
+    else:
+        import torch
+
+        res = {}
+        have_gpus = torch.cuda.device_count()
+    if gpus > 0 and n_learners and have_gpus < gpus * n_learners:
+        msg = (f"resources.num_gpus_per_learner={gpus} x {n_learners} learners "
+               f"but {'the cluster' if placement == 'ray' else 'this process'} has "
+               f"{have_gpus} GPUs")
+        if r.strict_gpu:
+            raise GPUUnavailableError(msg + " (resources.strict_gpu=true)")
+        _warn(f"{msg}; using CPU learners instead")
+        gpus = 0.0
+    learner_cpus = 0 if gpus > 0 else n_learners
+    n = r.num_rollout_workers
+    if placement != "ray":
+        return (1 if n is None else n), gpus
+    if n is None:
+        n = max(1, int(res.get("CPU", 1)) - learner_cpus)
+    need, have = n + learner_cpus, res.get("CPU", 0)
+    if need > have:
+        _warn(f"the graph needs {need} CPUs ({n} rollout workers + {learner_cpus} CPU "
+              f"learners) but the cluster has {have:g}: actors will wait until an autoscaler "
+              "adds nodes; lower resources.num_rollout_workers or resources.num_learners")
+    return n, gpus
+
+
+# -- the builder ---------------------------------------------------------------------
+
+
+class System:
+    """Every role of one run, built from its config on a placement.
+
+    Args:
+        cfg: The validated config.
+        placement: ``"inprocess"`` or ``"ray"`` (Ray must be initialized).
+        torch_threads: Torch intra-op threads per learner (default: config).
+    """
+
+    def __init__(self, cfg: ExperimentConfig, placement: str = "ray",
+                 torch_threads: int | None = None):
+        if placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {sorted(PLACEMENTS)}, got {placement!r}")
+        self.cfg = cfg
+        self.placement_name = placement
+        self.p = p = PLACEMENTS[placement]()
+        r = cfg.resources
+        torch_threads = torch_threads or r.torch_threads
+        meta = env_metadata(cfg.env.id)
+        seeds = Seeds(cfg.seed)
+        self.spec = spec = PolicySpec.from_config(cfg.env.id, cfg.policy)
+        needs = algorithm_needs(cfg)
+        n_workers, gpus = resolve_resources(cfg, placement)
+        self.sync = r.learner_mode == "sync"
+        if placement == "inprocess" and n_workers > 1:
+            _warn(f"resources.num_rollout_workers={n_workers}: in process the workers "
+                  "evaluate one after another (same numbers as on Ray, no parallelism)")
+
+        self.replay = p.make(ReplayBuffer, {"num_cpus": 0}, meta.obs_dim, meta.act_dim,
+                             1 + meta.measure_dim, cfg.td3.replay_capacity,
+                             seed=Seeds.to_int(seeds.replay))
+        worker_opts = {"num_cpus": 1, "max_restarts": -1, "max_task_retries": -1}
+        self.workers = [
+            p.make(RolloutWorker, worker_opts, cfg.env.id, spec, num_envs=r.envs_per_worker,
+                   episode_length=cfg.env.episode_length, chunk_size=r.chunk_size,
+                   sink=p.sink(self.replay), time_limit_done=cfg.td3.time_limit_done)
+            for _ in range(n_workers)
+        ]
+        self.splits = split_objectives(list(needs.critic_objectives), r.num_learners) \
+            if needs.critic_objectives else []
+        if placement == "inprocess" and gpus > 0:
+            device = "auto"
+        else:
+            device = "auto" if gpus > 0 else "cpu"
+        learner_opts = {"num_cpus": 0 if gpus > 0 else 1, "num_gpus": gpus,
+                        "concurrency_groups": {"train": 1, "grad": 1}}
+        self.learners = [
+            p.make(Learner, learner_opts, spec, 1 + meta.measure_dim, cfg.td3,
+                   p.sampler(self.replay), device=device, seed=Seeds.to_int(seeds.learners),
+                   objectives=objs, torch_threads=torch_threads)
+            for objs in self.splits
+        ]
+        self.learner_device = "cuda" if gpus > 0 else "cpu"
+        self.group = LearnerGroup(p, self.learners, self.splits) if self.learners else None
+        chunk = max(1, min(r.envs_per_worker, 8))
+        self.evaluator = evaluator = PooledEvaluator(p, self.workers, self.replay, chunk=chunk,
+                                                     keyed=self.sync)
+        es = ESGradient(cfg.es.sigma, cfg.es.num_samples, seed=Seeds.to_int(seeds.es)) \
+            if needs.es_rows else None
+        self.coordinator = p.make(
+            Coordinator, {"num_cpus": 0},
+            solution_dim=spec.genome_dim, x0=initial_theta(cfg, spec, seeds),
+            archive_dims=cfg.env.resolved_dims(), archive_ranges=cfg.env.resolved_ranges(),
+            qd_offset=meta.qd_offset, algorithm=cfg.algorithm, evaluator=evaluator,
+            learner=self.group, learner_rows=self.group.rows if self.group else None, es=es,
+            td3_updates=cfg.td3.train_steps_per_iteration if self.sync else 0,
+            seed=Seeds.to_int(seeds.coordinator), max_fitness=meta.max_fitness,
+            robustness_every=cfg.metrics.robustness_every,
+            robustness_episodes=cfg.metrics.robustness_episodes,
+        )
+
+    @property
+    def num_rollout_workers(self) -> int:
+        return len(self.workers)
+
+    def _get(self, handle, method: str, *args, group: str | None = None):
+        return self.p.get(self.p.call(handle, method, *args, group=group))
+
+    def start(self) -> None:
+        """Async mode: learners train in the background from now on."""
+        if not self.sync and self.learners:
+            self.p.get([self.p.call(lr, "start_async", group="train") for lr in self.learners])
+
+    def iteration(self) -> dict:
+        m = self._get(self.coordinator, "iteration")
+        if self.group is not None and not self.sync:
+            m.update(loss_metrics(self.group.stats()))  # raises if training failed
+        return m
+
+    def state(self, save_replay: bool = True) -> dict:
+        p = self.p
+        futures = {
+            "coordinator": p.call(self.coordinator, "state_dict"),
+            "archive": p.call(self.coordinator, "archive_arrays"),
+            "learners": [p.call(lr, "state_dict", group="grad") for lr in self.learners],
+            "replay": p.call(self.replay, "state_dict") if save_replay else None,
+        }
+        return {k: None if v is None else p.get(v) for k, v in futures.items()}
+
+    def load(self, state: dict) -> None:
+        if len(state["learners"]) != len(self.learners):
+            raise ValueError(f"checkpoint has {len(state['learners'])} learner states, this "
+                             f"system has {len(self.learners)} learners (resources.num_learners)")
+        p = self.p
+        futures = [p.call(self.coordinator, "load_state_dict", state["coordinator"])]
+        futures += [p.call(lr, "load_state_dict", s) for lr, s in zip(self.learners,
+                                                                     state["learners"])]
+        if state.get("replay") is not None:
+            futures.append(p.call(self.replay, "load_state_dict", state["replay"]))
+        p.get(futures)
+
+    def archive(self) -> dict:
+        return self._get(self.coordinator, "archive_arrays")
+
+    def system_stats(self) -> dict:
+        workers = self.p.get([self.p.call(w, "stats") for w in self.workers])
+        return {"worker_busy_s": float(sum(w["busy_s"] for w in workers)),
+                "num_rollout_workers": len(self.workers),
+                "replay_size": int(self._get(self.replay, "size")),
+                "critic_updates": self.group.stats()["updates"] if self.group else 0}
+
+    def stop_learners(self, timeout_s: float = 60.0) -> None:
+        """Stops background training; gives up (with a warning) on learners that
+        do not answer in ``timeout_s`` (never placed, or busy): they are killed next."""
+        if not self.learners:
+            return
+        futures = [self.p.call(lr, "stop_async", group="grad") for lr in self.learners]
+        if self.placement_name != "ray":
+            return
+        import ray
+
+        done, pending = ray.wait(futures, num_returns=len(futures), timeout=timeout_s)
+        ray.get(done)
+        if pending:
+            _warn(f"{len(pending)} of {len(futures)} learners did not stop within "
+                  f"{timeout_s:g} s (never placed, or busy): killing them")
+
+    def close(self) -> None:
+        try:
+            self.stop_learners()
+        finally:
+            for h in [self.coordinator, *self.workers, *self.learners, self.replay]:
+                self.p.kill(h)
+
+
+def build(cfg: ExperimentConfig, placement: str = "ray",
+          torch_threads: int | None = None) -> System:
+    """Builds every role of a run on ``placement`` (``"inprocess"`` or ``"ray"``)."""
+    return System(cfg, placement, torch_threads=torch_threads)
+
+
+__all__ = ["Evaluator", "GPUUnavailableError", "GradientSource", "InProcess", "LearnerGroup",
+           "OnRay", "PooledEvaluator", "ReplaySampler", "ReplaySink", "Saveable", "Seeds",
+           "System", "build", "resolve_resources"]
