@@ -59,6 +59,13 @@ def _cmd_resume(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_config(args: argparse.Namespace) -> int:
+    from dqd_ray.config import build_config, to_yaml
+
+    print(to_yaml(build_config(args.preset, args.config, args.set)), end="")
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     if args.bench == "envs":
         from dqd_ray.bench import envs
@@ -104,13 +111,22 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--local-inprocess", action="store_true",
                        help="run every role in this process, without Ray (debugging)")
 
+    from dqd_ray.config import PRESETS
+
+    preset_help = "one of: " + ", ".join(PRESETS)
     run = sub.add_parser("run", help="run an experiment")
-    run.add_argument("--preset", default=None,
-                     help="cma_mega_td3, cma_mega_td3_es, cma_mega_es or cma_maega_td3")
+    run.add_argument("--preset", default=None, help=preset_help)
     run.add_argument("--config", default=None, help="YAML config file")
     run.add_argument("--out", default=None, help="run directory (default: runs/<stamp>_...)")
     add_common(run)
     run.set_defaults(func=_cmd_run)
+
+    config = sub.add_parser("config", help="print the resolved config as YAML")
+    config.add_argument("--preset", default=None, help=preset_help)
+    config.add_argument("--config", default=None, help="YAML config file")
+    config.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field by dotted path")
+    config.set_defaults(func=_cmd_config)
 
     resume = sub.add_parser("resume", help="continue a run from its last intact checkpoint")
     resume.add_argument("run_dir")

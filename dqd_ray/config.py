@@ -66,6 +66,11 @@ class EnvConfig(_Strict):
                 raise ValueError(
                     f"{name} has {len(v)} entries but {self.id} has {meta.measure_dim} measures"
                 )
+        # Resolved here, so a dumped config (and `dqd-ray config`) shows the archive.
+        if self.archive_dims is None:
+            self.__dict__["archive_dims"] = list(meta.archive_dims)
+        if self.archive_ranges is None:
+            self.__dict__["archive_ranges"] = [(0.0, 1.0)] * meta.measure_dim
         return self
 
     def resolved_dims(self) -> list[int]:
@@ -390,7 +395,7 @@ def _format_error(err: ValidationError) -> str:
             if e["type"] == "extra_forbidden":
                 owners = [n for n, c in ALGORITHM_CONFIGS.items() if parts[2] in c.model_fields]
                 fields = [f for f in ALGORITHM_CONFIGS[name].model_fields if f != "name"]
-                msg = (f"not a setting of algorithm {name}"
+                msg = ("" if owners else "unknown key: ") + (f"not a setting of algorithm {name}"
                        + (f" (it belongs to {', '.join(owners)})" if owners else "")
                        + f"; {name} takes: {', '.join(fields)}")
         elif e["type"] == "extra_forbidden":

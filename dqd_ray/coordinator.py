@@ -75,9 +75,10 @@ class Coordinator:
         self.needs = self.module.needs(algorithm, self.measure_dim)
         self.evaluator, self.learner, self.es = evaluator, learner, es
         self.exact_jacobian = exact_jacobian
-        if self.needs.critic_objectives and learner is None and exact_jacobian is None:
-            raise ValueError(f"{algorithm.name} needs TD3 critics for objectives "
-                             f"{list(self.needs.critic_objectives)}: give a learner")
+        if self.needs.pg_variation and learner is None:
+            raise ValueError(f"{algorithm.name} varies elites along a TD3 critic: give a learner")
+        # Without a learner, the rows it would give come from ES (or the exact jacobian).
+        self.greedy = self.needs.greedy_insert and learner is not None
         self.learner_rows = list(learner_rows if learner_rows is not None
                                  else self.needs.learner_rows) if learner is not None else []
         if self.needs.dqd and exact_jacobian is None:
@@ -236,7 +237,7 @@ class Coordinator:
         if needs.pg_variation:
             sols = self._emitter_requests(sols)
         batch = sols
-        if needs.greedy_insert:
+        if self.greedy:
             batch = np.concatenate([np.asarray(self.learner.greedy_genome())[None], sols])
         timings["gradient_s"] += time.perf_counter() - t
         if training is not None:
@@ -244,7 +245,7 @@ class Coordinator:
         t = time.perf_counter()
         out_b = self._evaluate(batch)
         timings["rollout_s"] += time.perf_counter() - t
-        g = 1 if needs.greedy_insert else 0
+        g = 1 if self.greedy else 0
         if g:
             metrics.update(self._insert_greedy(batch[:1], out_b))
         rest = {k: v[g:] if isinstance(v, np.ndarray) else v for k, v in out_b.items()}

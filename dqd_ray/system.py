@@ -254,7 +254,10 @@ class PooledEvaluator:
         seeds = np.asarray(seeds)
         n = len(genomes)
         ref = p.put(genomes)
-        parts = [np.arange(i, min(i + self.chunk, n)) for i in range(0, n, self.chunk)]
+        if isinstance(p, InProcess):  # one call per worker: its envs step in lockstep
+            parts = [a for a in np.array_split(np.arange(n), len(self.workers)) if len(a)]
+        else:
+            parts = [np.arange(i, min(i + self.chunk, n)) for i in range(0, n, self.chunk)]
         todo = list(range(len(parts)))
         running: dict = {}
         free = list(range(len(self.workers))) * 2

@@ -7,11 +7,17 @@ import yaml
 
 from dqd_ray.config import PRESETS, ConfigError, ExperimentConfig, build_config, parse_set, to_yaml
 
+from dqd_ray.config import PAPER_PRESETS
+from dqd_ray.envs import ENV_IDS
+from dqd_ray.system import algorithm_needs
+
 PRESET_EXPECTATIONS = {
     "cma_mega_td3": ("cma_mega", "td3", True, False),
     "cma_mega_td3_es": ("cma_mega", "td3_es", True, True),
     "cma_mega_es": ("cma_mega", "es", False, True),
     "cma_maega_td3": ("cma_maega", "td3", True, False),
+    "pga_me": ("pga_me", None, True, False),
+    "map_elites": ("map_elites", None, False, False),
 }
 
 
@@ -22,20 +28,108 @@ def test_presets_build(preset):
     assert isinstance(cfg, ExperimentConfig)
     assert cfg.preset == preset
     assert cfg.algorithm.name == name
-    assert cfg.algorithm.gradients == gradients
+    assert getattr(cfg.algorithm, "gradients", None) == gradients
     assert cfg.uses_td3 is uses_td3
     assert cfg.uses_es is uses_es
-    # Only the preset's own fields differ from the defaults.
-    assert cfg.td3 == ExperimentConfig().td3
+    # The YAML dump builds the same config again (what a run directory stores).
+    assert build_config(overrides=yaml.safe_load(to_yaml(cfg))) == cfg
 
 
 def test_preset_list_is_complete():
     assert set(PRESETS) == set(PRESET_EXPECTATIONS)
+    assert set(PAPER_PRESETS) <= set(PRESETS)
+
+
+PAPER_ARCHIVES = {"QDAntBulletEnv-v0": [6, 6, 6, 6], "QDHalfCheetahBulletEnv-v0": [32, 32],
+                  "QDHopperBulletEnv-v0": [1000], "QDWalker2DBulletEnv-v0": [32, 32]}
+
+
+def _evaluations_per_iteration(cfg) -> int:
+    a, needs = cfg.algorithm, algorithm_needs(cfg)
+    if a.name in ("cma_mega", "cma_maega"):
+        es = cfg.es.num_samples if needs.es_rows else 0
+        return a.num_emitters * (1 + es + a.batch_size) + int(needs.greedy_insert)
+    if a.name == "pga_me":
+        return a.iso_batch_size + a.pg_batch_size
+    return a.batch_size
+
+
+@pytest.mark.parametrize("env_id", ENV_IDS)
+@pytest.mark.parametrize("preset", PAPER_PRESETS)
+def test_paper_presets_match_the_official_configuration(preset, env_id):
+    """The table of the paper's settings (official gin files), per environment."""
+    cfg = build_config(preset, sets=[f"env.id={env_id}"])
+    a, t = cfg.algorithm, cfg.td3
+    needs = algorithm_needs(cfg)
+    # Common to all.
+    assert cfg.policy.hidden_sizes == [128, 128] and cfg.policy.activation == "tanh"
+    assert a.x0_from_policy_init is True  # Xavier, zero bias
+    assert cfg.env.episode_length == 1000
+    assert cfg.env.archive_dims == PAPER_ARCHIVES[env_id]
+    assert cfg.env.archive_ranges == [(0.0, 1.0)] * len(PAPER_ARCHIVES[env_id])
+    assert cfg.evaluations == 1_000_000
+    assert cfg.metrics.robustness_every == 1 and cfg.metrics.robustness_episodes == 10
+    assert (t.critic_hidden_sizes, t.batch_size, t.gamma, t.tau, t.policy_delay) == \
+        ([256, 256], 256, 0.99, 0.005, 2)
+    assert (t.target_noise, t.noise_clip, t.lr, t.replay_capacity) == (0.2, 0.5, 3e-4, 1_000_000)
+    assert t.time_limit_done is True  # the paper counts a time-limit cut as done
+    per_iteration = _evaluations_per_iteration(cfg)
+    assert cfg.iterations * per_iteration == 1_000_000
+    if preset in ("cma_mega_td3_es", "cma_mega_es"):
+        assert (a.name, a.num_emitters, a.sigma0, a.lr) == ("cma_mega", 1, 1.0, 1.0)
+        assert (a.selection_rule, a.restart_rule, a.normalize_grad) == \
+            ("mu", "no_improvement", True)
+        assert a.es_engine == "cma_es"
+        assert (cfg.es.sigma, cfg.es.num_samples) == (0.02, 100)
+        assert per_iteration == 200 and cfg.iterations == 5000
+    if preset == "cma_mega_td3_es":
+        assert a.batch_size == 98 and needs.greedy_insert
+        assert needs.critic_objectives == (0,) and needs.learner_rows == (0,)
+        assert needs.es_rows == tuple(range(1, len(PAPER_ARCHIVES[env_id]) + 1))
+        assert t.train_steps_per_iteration == 600 and t.jacobian_states == 65536
+        assert cfg.resources.learner_mode == "sync"
+    if preset == "cma_mega_es":
+        assert a.batch_size == 99 and not needs.greedy_insert
+        assert needs.critic_objectives == () and needs.learner_rows == ()
+    if preset == "pga_me":
+        assert (a.iso_sigma, a.line_sigma, a.iso_batch_size) == (0.005, 0.05, 50)
+        assert (a.pg_batch_size, a.pg_steps, a.pg_lr, a.pg_states) == (50, 10, 0.001, 256)
+        assert a.init_sigma == 0.02 and needs.pg_variation and needs.critic_objectives == (0,)
+        assert t.train_steps_per_iteration == 300 and cfg.iterations == 10000
+    if preset == "map_elites":
+        assert (a.sigma, a.batch_size) == (0.02, 100) and needs == type(needs)()
+        assert cfg.iterations == 10000
+
+
+def test_algorithm_settings_are_validated_per_algorithm():
+    with pytest.raises(ConfigError, match=r"algorithm.iso_sigma: not a setting of algorithm "
+                                          r"map_elites \(it belongs to pga_me\)"):
+        build_config("map_elites", sets=["algorithm.iso_sigma=0.1"])
+    with pytest.raises(ConfigError, match="algorithm.sigma0: not a setting of algorithm pga_me"):
+        build_config("pga_me", sets=["algorithm.sigma0=2"])
+    with pytest.raises(ConfigError, match="unknown algorithm"):
+        build_config(sets=["algorithm.name=me_es"])
+    with pytest.raises(ConfigError, match="insert_greedy needs a fitness critic"):
+        build_config("cma_mega_es", sets=["algorithm.insert_greedy=true"])
+    # A section without a name is CMA-MEGA's (the default algorithm).
+    assert build_config(overrides={"algorithm": {"batch_size": 8}}).algorithm.name == "cma_mega"
+
+
+def test_cli_config_prints_the_resolved_config(capsys):
+    from dqd_ray.cli import main
+
+    assert main(["config", "--preset", "pga_me", "--set", "env.id=QDHopperBulletEnv-v0"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["algorithm"]["name"] == "pga_me" and cfg["env"]["archive_dims"] == [1000]
+    assert build_config(overrides=cfg) == build_config("pga_me",
+                                                       sets=["env.id=QDHopperBulletEnv-v0"])
+    assert main(["config", "--preset", "map_elites", "--set", "algorithm.pg_lr=1"]) == 2
+    assert "not a setting of algorithm map_elites" in capsys.readouterr().err
 
 
 def test_cma_mega_es_disables_greedy_insertion():
-    assert build_config("cma_mega_es").algorithm.insert_greedy is False
-    assert build_config("cma_mega_td3").algorithm.insert_greedy is True
+    assert build_config("cma_mega_es").algorithm.greedy is False
+    assert build_config("cma_mega_td3").algorithm.greedy is True
 
 
 def test_defaults_without_preset():
@@ -53,13 +147,13 @@ def test_set_overrides_take_effect():
     assert isinstance(cfg.td3.batch_size, int)
     cfg = build_config(
         "cma_mega_es",
-        sets=["es.sigma=0.05", "policy.hidden_sizes=[32, 16]", "algorithm.insert_greedy=true",
+        sets=["es.sigma=0.05", "policy.hidden_sizes=[32, 16]", "algorithm.normalize_grad=false",
               "env.id=QDHopperBulletEnv-v0", "env.archive_dims=[64]"],
     )
     assert cfg.es.sigma == pytest.approx(0.05)
     assert cfg.policy.hidden_sizes == [32, 16]
     # --set overrides the preset.
-    assert cfg.algorithm.insert_greedy is True
+    assert cfg.algorithm.normalize_grad is False
     assert cfg.env.resolved_dims() == [64]
 
 

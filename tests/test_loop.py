@@ -17,7 +17,7 @@ import torch
 
 from dqd_ray import checkpoint as ckpt
 from dqd_ray.config import build_config
-from dqd_ray.inprocess import InProcessSystem
+from dqd_ray.system import System
 from dqd_ray.learner import Learner
 from dqd_ray.rollout import RolloutWorker
 from dqd_ray.loop import Experiment, read_metrics
@@ -117,7 +117,7 @@ def test_reported_archive_is_the_best_ever_per_cell_greedy_actor_included(preset
     """The archive metrics and checkpoints report (CMA-MAEGA: the result
     archive) holds, per cell, the best valid evaluation so far, whichever
     evaluation it came from: theta, branch or greedy TD3 actor."""
-    system = InProcessSystem(tiny(preset=preset), torch_threads=1)
+    system = System(tiny(preset=preset), "inprocess", torch_threads=1)
     recorder = Recorder(system.coordinator.evaluator)
     system.coordinator.evaluator = recorder
     try:
@@ -129,34 +129,37 @@ def test_reported_archive_is_the_best_ever_per_cell_greedy_actor_included(preset
             for i in np.flatnonzero(out["valid"]):
                 cell, f = int(cells[i]), float(out["fitness"][i])
                 if cell not in best or f > best[cell][0]:
-                    best[cell] = (f, genomes[i], call)
+                    best[cell] = (f, genomes[i], (call, int(i)))
         data = system.archive()
         assert sorted(data["index"].tolist()) == sorted(best)
         for cell, f, sol in zip(data["index"], data["objective"], data["solution"]):
             assert f == pytest.approx(best[int(cell)][0], rel=1e-6)
             np.testing.assert_array_equal(sol, best[int(cell)][1].astype(sol.dtype))
-        # Every third call evaluates the greedy actor: some of its results must
-        # be the best of their cell, or this test proves nothing about it.
-        assert any(call % 3 == 2 for _, _, call in best.values())
+        # Every second call evaluates the greedy actor (row 0) with the branches:
+        # some of its results must be the best of their cell, or this test
+        # proves nothing about it.
+        assert any(call % 2 == 1 and row == 0 for _, _, (call, row) in best.values())
         assert history[-1]["num_elites"] == len(best)
     finally:
         system.close()
 
 
 def test_invalid_greedy_actor_is_counted_and_never_inserted():
-    system = InProcessSystem(tiny("td3.train_steps_per_iteration=0"), torch_threads=1)
+    system = System(tiny("td3.train_steps_per_iteration=0"), "inprocess", torch_threads=1)
     recorder = Recorder(system.coordinator.evaluator)
     system.coordinator.evaluator = recorder
     try:
         system.iteration()
-        state = system.learner.state_dict()
+        learner = system.learners[0]
+        state = learner.state_dict()
         for key in state["actor"]:
             state["actor"][key] = torch.full_like(state["actor"][key], float("nan"))
-        system.learner.load_state_dict(state)
+        learner.load_state_dict(state)
         before = system.archive()
         m = system.iteration()
-        greedy_genome, greedy_out = recorder.calls[-1]
-        assert len(greedy_genome) == 1 and np.isnan(greedy_genome).all()
+        genomes, greedy_out = recorder.calls[-1]  # the greedy actor is row 0 of the batch
+        assert len(genomes) == 5 and np.isnan(genomes[0]).all()
+        assert np.isfinite(genomes[1:]).all() and greedy_out["valid"][1:].all()
         assert not greedy_out["valid"][0]
         assert m["invalid"] == 1
         assert not m.get("greedy_inserted_this_iteration", False)
@@ -235,13 +238,13 @@ def signal_on_call(monkeypatch, cls, method: str, call: int, sig=signal.SIGINT, 
     monkeypatch.setattr(cls, method, wrapper)
 
 
-# Per iteration of cma_mega_td3: train, evaluate theta, jacobian, evaluate
-# branches, evaluate the greedy actor.
+# Per iteration of cma_mega_td3: stage critic updates, evaluate theta, jacobian,
+# greedy actor, critic updates and evaluation of the greedy actor with the branches.
 STOP_POINTS = [
-    (RolloutWorker, "evaluate", 5, signal.SIGINT, 2),  # iteration 2, branches
-    (RolloutWorker, "evaluate", 7, signal.SIGTERM, 3),  # iteration 3, theta
+    (RolloutWorker, "evaluate", 4, signal.SIGINT, 2),  # iteration 2, branches
+    (RolloutWorker, "evaluate", 5, signal.SIGTERM, 3),  # iteration 3, theta
     (Learner, "jacobian", 2, signal.SIGINT, 2),  # iteration 2, gradient step
-    (Learner, "train", 3, signal.SIGTERM, 3),  # iteration 3, critic updates
+    (Learner, "train_staged", 3, signal.SIGTERM, 3),  # iteration 3, critic updates
 ]
 
 
@@ -268,7 +271,7 @@ def test_stop_signal_checkpoints_the_running_iteration_and_resumes_exactly(
 def test_second_signal_stops_at_once_and_keeps_the_last_checkpoint(
         tmp_path, monkeypatch, reference, capsys):
     # Two Ctrl-C inside iteration 3's branch evaluation; checkpoints every 2.
-    signal_on_call(monkeypatch, RolloutWorker, "evaluate", 8, times=2)
+    signal_on_call(monkeypatch, RolloutWorker, "evaluate", 6, times=2)
     summary, out = run(tmp_path, "run", "iterations=1000", "checkpoint.every=2")
     assert summary["interrupted"] is True and summary["final"]["iteration"] == 2
     assert "stopped at once; resume point: the checkpoint of iteration 2" in capsys.readouterr().out

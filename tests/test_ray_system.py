@@ -70,15 +70,15 @@ def _tiny_cfg(*extra):
 
 
 def test_actors_match_in_process_in_sync_mode(ray_session, tmp_path):
-    from dqd_ray.graph import RaySystem
-    from dqd_ray.inprocess import InProcessSystem
+    from dqd_ray.system import System
+    from dqd_ray.system import System
 
     cfg = _tiny_cfg()
-    ray_sys = RaySystem(cfg, torch_threads=1)
+    ray_sys = System(cfg, "ray", torch_threads=1)
     ray_metrics = [ray_sys.iteration() for _ in range(3)]
     ray_archive = ray_sys.archive()
     ray_sys.close()
-    local = InProcessSystem(cfg, torch_threads=1)
+    local = System(cfg, "inprocess", torch_threads=1)
     local_metrics = [local.iteration() for _ in range(3)]
     local_archive = local.archive()
     local.close()
@@ -113,13 +113,13 @@ def test_sync_resume_continues_exactly(ray_session, tmp_path):
 def test_killed_rollout_worker_loses_and_duplicates_nothing(ray_session):
     import ray
 
-    from dqd_ray.graph import RaySystem
+    from dqd_ray.system import System
     from dqd_ray.policy import PolicySpec
 
     cfg = _tiny_cfg("env.id=QDHalfCheetahBulletEnv-v0", "env.episode_length=1000",
                     "resources.envs_per_worker=1")
-    system = RaySystem(cfg)
-    ev = system.graph.evaluator
+    system = System(cfg, "ray")
+    ev = system.evaluator
     ev.chunk = 1
     spec = PolicySpec.from_config(cfg.env.id, cfg.policy)
     rng = np.random.default_rng(0)
@@ -132,7 +132,7 @@ def test_killed_rollout_worker_loses_and_duplicates_nothing(ray_session):
     thread.start()
     time.sleep(0.5)
     assert thread.is_alive(), "the evaluation finished before the kill: make it longer"
-    ray.kill(system.graph.workers[0], no_restart=False)
+    ray.kill(system.workers[0], no_restart=False)
     thread.join(timeout=300)
     assert result, "evaluation did not finish after the worker was killed"
     assert result["valid"].all()
@@ -155,7 +155,7 @@ def test_replay_actor_many_concurrent_producers(ray_session):
 
     @ray.remote(num_cpus=0)
     def produce(replay, producer: int, chunks: int, size: int):
-        from dqd_ray.graph import ReplaySink
+        from dqd_ray.system import ReplaySink
 
         sink = ReplaySink(replay, max_in_flight=2)
         for c in range(chunks):
@@ -191,7 +191,7 @@ def test_config_error_before_ray_starts(tmp_path):
 
 
 def test_gpu_fallback_and_strict(ray_session, capsys):
-    from dqd_ray.graph import GPUUnavailableError, resolve_resources
+    from dqd_ray.system import GPUUnavailableError, resolve_resources
 
     n, gpus = resolve_resources(_tiny_cfg("resources.num_gpus_per_learner=1"))
     assert gpus == 0.0 and n == 2
@@ -251,7 +251,7 @@ def test_wandb_offline_run(ray_session, tmp_path, monkeypatch):
 def test_several_learners_compute_what_one_learner_computes(ray_session):
     """Splitting the critics between learners is placement only: in sync mode
     every jacobian row, loss and archive equals the single learner's."""
-    from dqd_ray.graph import LearnerGroup, RaySystem
+    from dqd_ray.system import LearnerGroup, OnRay, System
     from dqd_ray.policy import PolicySpec
 
     spec = None
@@ -259,12 +259,12 @@ def test_several_learners_compute_what_one_learner_computes(ray_session):
     for n in (1, 3):
         cfg = _tiny_cfg(f"resources.num_learners={n}", "resources.num_rollout_workers=1")
         spec = PolicySpec.from_config(cfg.env.id, cfg.policy)
-        system = RaySystem(cfg, torch_threads=1)
+        system = System(cfg, "ray", torch_threads=1)
         try:
             metrics = [system.iteration() for _ in range(2)]
-            group = LearnerGroup(system.graph.learners, system.graph.learner_objectives)
+            group = LearnerGroup(OnRay(), system.learners, system.splits)
             genomes = np.stack([spec.init_genome(np.random.default_rng(i)) for i in range(3)])
-            results[n] = {"split": system.graph.learner_objectives, "metrics": metrics,
+            results[n] = {"split": system.splits, "metrics": metrics,
                           "jac": group.jacobian(genomes), "greedy": group.greedy_genome(),
                           "archive": system.archive()}
         finally:
