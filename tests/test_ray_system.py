@@ -22,27 +22,41 @@ from dqd_ray.loop import Experiment, read_metrics
 
 pytestmark = pytest.mark.slow
 
-TINY = [
-    "env.episode_length=50", "algorithm.batch_size=4", "td3.batch_size=32",
+from dqd_ray.config import PRESETS
+
+PRESET_TINY = {
+    "cma_mega_td3": ["algorithm.batch_size=4"], "cma_mega_td3_es": ["algorithm.batch_size=4"],
+    "cma_mega_es": ["algorithm.batch_size=4"], "cma_maega_td3": ["algorithm.batch_size=4"],
+    "pga_me": ["algorithm.iso_batch_size=3", "algorithm.pg_batch_size=3",
+               "algorithm.pg_steps=2", "algorithm.pg_states=16"],
+    "map_elites": ["algorithm.batch_size=6"],
+}
+COMMON = [
+    "env.episode_length=50", "td3.batch_size=32", "metrics.robustness_episodes=2",
     "td3.critic_hidden_sizes=[32,32]", "td3.train_steps_per_iteration=5",
     "td3.jacobian_states=32", "td3.learning_starts=32", "td3.replay_capacity=20000",
     "es.num_samples=4", "resources.num_rollout_workers=2", "resources.envs_per_worker=2",
     "checkpoint.every=2", "logging.progress_bar=false",
 ]
+TINY = COMMON + PRESET_TINY["cma_mega_td3"]
 
 
-def sets(*extra):
+def sets(*extra, preset: str = "cma_mega_td3"):
     out = []
-    for s in [*TINY, *extra]:
+    for s in [*COMMON, *PRESET_TINY[preset], *extra]:
         out += ["--set", s]
     return out
 
 
-@pytest.mark.parametrize("preset", ["cma_mega_td3", "cma_mega_td3_es", "cma_mega_es",
-                                    "cma_maega_td3"])
+def test_every_preset_has_tiny_settings():
+    assert set(PRESET_TINY) == set(PRESETS)
+
+
+@pytest.mark.parametrize("preset", sorted(PRESET_TINY))
 def test_run_and_resume_each_preset(ray_session, tmp_path, preset):
     out = tmp_path / "run"
-    assert main(["run", "--preset", preset, "--out", str(out), *sets("iterations=3")]) == 0
+    assert main(["run", "--preset", preset, "--out", str(out),
+                 *sets("iterations=3", preset=preset)]) == 0
     metrics = read_metrics(out)
     assert [m["iteration"] for m in metrics] == [1, 2, 3]
     for m in metrics:
@@ -65,15 +79,18 @@ def test_run_and_resume_each_preset(ray_session, tmp_path, preset):
     assert metrics[3]["num_elites"] >= metrics[2]["num_elites"]
 
 
-def _tiny_cfg(*extra):
-    return build_config("cma_mega_td3", sets=[*TINY, "resources.learner_mode=sync", *extra])
+def _tiny_cfg(*extra, preset: str = "cma_mega_td3"):
+    return build_config(preset, sets=[*COMMON, *PRESET_TINY[preset],
+                                      "resources.learner_mode=sync", *extra])
 
 
-def test_actors_match_in_process_in_sync_mode(ray_session, tmp_path):
+@pytest.mark.parametrize("preset", sorted(PRESET_TINY))
+def test_actors_match_in_process_in_sync_mode(ray_session, preset):
+    """One builder, two placements: the same seed in sync mode gives the same
+    metrics and the same archive on Ray actors and in process, for every preset."""
     from dqd_ray.system import System
-    from dqd_ray.system import System
 
-    cfg = _tiny_cfg()
+    cfg = _tiny_cfg("metrics.robustness_every=2", preset=preset)
     ray_sys = System(cfg, "ray", torch_threads=1)
     ray_metrics = [ray_sys.iteration() for _ in range(3)]
     ray_archive = ray_sys.archive()
@@ -83,10 +100,15 @@ def test_actors_match_in_process_in_sync_mode(ray_session, tmp_path):
     local_archive = local.archive()
     local.close()
     for a, b in zip(ray_metrics, local_metrics):
-        assert a["qd_score"] == b["qd_score"]
-        assert a["env_steps"] == b["env_steps"]
-    assert "critic_loss" in ray_metrics[-1]
-    assert ray_metrics[-1]["critic_loss"] == pytest.approx(local_metrics[-1]["critic_loss"])
+        for key in ("qd_score", "env_steps", "evaluations", "greedy_fitness", "robustness",
+                    "worst_fitness", "mean_evaluation", "critic_updates"):
+            assert a.get(key) == b.get(key), key
+    assert ray_metrics[-1]["num_elites"] > 0
+    if cfg.uses_td3:
+        assert "critic_loss" in ray_metrics[-1] and ray_metrics[-1]["critic_updates"] > 0
+        assert ray_metrics[-1]["critic_loss"] == pytest.approx(local_metrics[-1]["critic_loss"])
+    else:
+        assert "critic_loss" not in ray_metrics[-1] and ray_metrics[-1]["critic_updates"] == 0
     order_r, order_l = np.argsort(ray_archive["index"]), np.argsort(local_archive["index"])
     np.testing.assert_array_equal(ray_archive["index"][order_r], local_archive["index"][order_l])
     np.testing.assert_array_equal(ray_archive["objective"][order_r],
@@ -212,8 +234,8 @@ def test_resume_refuses_conflicts_and_skips_broken_checkpoints(ray_session, tmp_
     assert main(["resume", str(out), "--set", "env.episode_length=20"]) == 2
     # Corrupt the newest checkpoint: the previous one is used, with a warning.
     newest = ckpt.list_checkpoints(out / "checkpoints")[-1]
-    blob = (newest / "coordinator.pkl").read_bytes()
-    (newest / "coordinator.pkl").write_bytes(blob[: len(blob) // 2])
+    blob = (newest / "coordinator.npz").read_bytes()
+    (newest / "coordinator.npz").write_bytes(blob[: len(blob) // 2])
     with pytest.warns(UserWarning, match="corrupted"):
         path, manifest = ckpt.latest_valid(out / "checkpoints")
     assert manifest["iteration"] == 2
