@@ -295,6 +295,15 @@ class ExperimentConfig(_Strict):
             data = {**data, "algorithm": {"name": "cma_mega", **algo}}
         return data
 
+    @model_validator(mode="after")
+    def _checkpointable_engine(self):
+        if getattr(self.algorithm, "es_engine", None) == "pycma_es":
+            raise ValueError("algorithm.es_engine=pycma_es: pycma's state holds code "
+                             "references and cannot be checkpointed without pickle; use "
+                             "cma_es (the paper's engine) or sep_cma_es (pycma remains "
+                             "available to the Coordinator used as a library)")
+        return self
+
     @property
     def uses_td3(self) -> bool:
         """Whether any TD3 critic is trained (gradients, greedy actor or PG variation)."""
