@@ -66,6 +66,14 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from dqd_ray.tune import run_sweep
+
+    summary = run_sweep(args.file, args.set, address=args.address, num_cpus=args.num_cpus,
+                        resume=args.resume, dry_run=args.dry_run)
+    return 1 if summary.get("errors") else 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     if args.bench == "envs":
         from dqd_ray.bench import envs
@@ -132,6 +140,22 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("run_dir")
     add_common(resume)
     resume.set_defaults(func=_cmd_resume)
+
+    tune = sub.add_parser("tune", help="run a Ray Tune sweep from a sweep file",
+                          description="Runs a hyperparameter sweep (see tune_configs/). "
+                          "Everything is validated before any trial starts.")
+    tune.add_argument("file", help="sweep YAML (e.g. tune_configs/quick_local.yaml)")
+    tune.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a sweep field (tune_config.num_samples=4) or, for any "
+                      "other key, the base config (iterations=20)")
+    tune.add_argument("--address", default=None,
+                      help="join this Ray cluster (default: RAY_ADDRESS, else start a local Ray)")
+    tune.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray")
+    tune.add_argument("--resume", action="store_true",
+                      help="continue an interrupted sweep (Tuner.restore)")
+    tune.add_argument("--dry-run", action="store_true",
+                      help="validate, print each trial's resource bundles, and stop")
+    tune.set_defaults(func=_cmd_tune)
 
     bench = sub.add_parser("bench", help="benchmarks that print a table and write JSON")
     bsub = bench.add_subparsers(dest="bench", required=True)

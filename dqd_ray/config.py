@@ -236,6 +236,12 @@ class ResourcesConfig(_Strict):
     envs_per_worker: int = Field(4, gt=0, description="Environments stepped in lockstep.")
     num_learners: int = Field(1, gt=0, description="Learner actors sharing the critics.")
     num_gpus_per_learner: float = Field(0.0, ge=0, description="0 means CPU learners.")
+    cpus_per_worker: float = Field(
+        1.0, gt=0, description="CPUs each rollout actor asks Ray for (fractions share a core)."
+    )
+    cpus_per_learner: float = Field(
+        1.0, gt=0, description="CPUs each CPU learner asks Ray for (GPU learners ask for none)."
+    )
     strict_gpu: bool = Field(False, description="Fail instead of falling back to CPU.")
     learner_mode: Literal["sync", "async"] = Field(
         "async", description="sync: fixed updates per iteration (reproducible)."
@@ -261,6 +267,10 @@ class LoggingConfig(_Strict):
     wandb_project: str = Field("dqd-ray")
     wandb_group: str | None = None
     heatmap_every: int = Field(25, gt=0, description="Iterations between archive heatmaps.")
+    wandb_finish_timeout_s: float = Field(
+        60.0, ge=0, description="Seconds the end of a run waits for wandb uploads (0: no limit); "
+        "what is left stays on disk for `wandb sync`."
+    )
     progress_bar: bool = True
 
 

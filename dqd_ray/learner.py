@@ -208,7 +208,8 @@ class Learner:
         if self._error is not None:
             raise RuntimeError(f"background training failed: {self._error!r}") from self._error
         out = {"updates": self.ensemble.updates, "busy_s": self.busy_s,
-               "objectives": list(self.objectives), "device": str(self.device)}
+               "objectives": list(self.objectives), "device": str(self.device),
+               "lr": float(self.ensemble.critic_opt.param_groups[0]["lr"])}
         for k in ("critic_loss", "actor_loss"):
             if k in self.last_losses:
                 out[k] = np.asarray(self.last_losses[k]).tolist()

@@ -24,7 +24,10 @@ def _clean(v: Any):
 
 
 class Sink:
-    """A metric sink; ``wants_archive`` says when ``log`` should get the archive."""
+    """A metric sink: ``log(metrics, archive=None, checkpoint=None)`` once per
+    iteration (``checkpoint``: the directory saved at this iteration, if any),
+    ``close()`` at the end. ``wants_archive`` says when ``log`` should get the
+    archive."""
 
     def wants_archive(self, iteration: int) -> bool:
         return False
@@ -35,7 +38,7 @@ class JsonlSink(Sink):
         self.path = path
         self.f = open(path, "a", buffering=1)
 
-    def log(self, metrics: dict, archive=None) -> None:
+    def log(self, metrics: dict, archive=None, checkpoint=None) -> None:
         self.f.write(json.dumps(_clean(metrics)) + "\n")
 
     def close(self) -> None:
@@ -47,7 +50,7 @@ class ProgressSink(Sink):
         self.bar = tqdm(total=total, initial=initial, disable=not enabled, unit="it",
                         dynamic_ncols=True)
 
-    def log(self, metrics: dict, archive=None) -> None:
+    def log(self, metrics: dict, archive=None, checkpoint=None) -> None:
         best = metrics.get("best_fitness")
         self.bar.set_postfix(qd=f"{metrics['qd_score']:.0f}", cov=f"{100 * metrics['coverage']:.1f}%",
                              best="-" if best is None else f"{best:.1f}",
@@ -66,28 +69,51 @@ def wandb_mode() -> str:
     return "online" if os.environ.get("WANDB_API_KEY") else "offline"
 
 
-class WandbSink(Sink):
-    """One wandb run per experiment; heatmaps every ``heatmap_every`` iterations."""
+def scalars(metrics: dict) -> dict:
+    """The finite int/float entries of ``metrics`` (what dashboards and Tune take)."""
+    return {k: v for k, v in _clean(metrics).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
-    def __init__(self, run_dir: Path, cfg, run_id: str, dims, names, resume: bool = False):
+
+class WandbSink(Sink):
+    """One wandb run per experiment; heatmaps every ``heatmap_every`` iterations.
+
+    Args:
+        run_dir: The wandb files go to ``run_dir/wandb``.
+        cfg: The run's config (logged as the wandb config).
+        run_id: The wandb run id (a resumed run continues the same wandb run).
+        dims, names: Archive shape and measure names, for the heatmap.
+        resume: Continue an existing wandb run of that id if there is one.
+        name, group: Display name (default: the run directory's name) and
+            group (default: ``logging.wandb_group``); a Tune trial passes its
+            trial name and its sweep's name.
+        extra_config: Merged into the logged config (a trial's sampled values).
+    """
+
+    def __init__(self, run_dir: Path, cfg, run_id: str, dims, names, resume: bool = False,
+                 name: str | None = None, group: str | None = None,
+                 extra_config: dict | None = None):
         import wandb
 
         self.wandb = wandb
         self.dims, self.names, self.every = dims, names, cfg.logging.heatmap_every
+        config = cfg.model_dump(mode="json")
+        if extra_config:
+            config = {**config, **extra_config}
         self.run = wandb.init(
-            project=cfg.logging.wandb_project, group=cfg.logging.wandb_group,
-            config=cfg.model_dump(mode="json"), dir=str(run_dir), id=run_id,
-            name=run_dir.name, mode=wandb_mode(), resume="allow" if resume else None,
-            settings=wandb.Settings(silent=True, console="off"),
+            project=cfg.logging.wandb_project, group=group or cfg.logging.wandb_group,
+            config=config, dir=str(run_dir), id=run_id,
+            name=name or run_dir.name, mode=wandb_mode(), resume="allow" if resume else None,
+            settings=wandb.Settings(silent=True, console="off",
+                                    finish_timeout=cfg.logging.wandb_finish_timeout_s),
         )
         self.run_dir = Path(self.run.dir).parent if self.run is not None else None
 
     def wants_archive(self, iteration: int) -> bool:
         return iteration % self.every == 0 or iteration == 1
 
-    def log(self, metrics: dict, archive=None) -> None:
-        data = {k: v for k, v in _clean(metrics).items()
-                if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    def log(self, metrics: dict, archive=None, checkpoint=None) -> None:
+        data = scalars(metrics)
         it = int(metrics["iteration"])
         if archive is not None and self.wants_archive(it):
             from dqd_ray.viz import heatmap

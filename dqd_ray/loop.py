@@ -44,6 +44,33 @@ RESUMABLE = ("iterations", "evaluations", "logging", "checkpoint")
 
 Backend = Literal["ray", "inprocess"]
 
+# Metrics every iteration of every run reports (the names a Tune metric may use).
+CORE_METRICS = frozenset({
+    "iteration", "evaluations", "env_steps", "qd_score", "qd_score_per_cell",
+    "norm_qd_score", "coverage", "num_elites", "best_fitness", "worst_fitness",
+    "mean_fitness", "mean_evaluation", "robustness", "robustness_evaluations", "restarts",
+    "invalid", "nonfinite_gradients", "greedy_inserted", "critic_updates",
+    "critic_updates_total", "iteration_evaluations", "iteration_env_steps", "iteration_s",
+    "rollout_s", "gradient_s", "train_s", "wall_s", "env_steps_per_s", "evaluations_per_s",
+    "critic_updates_per_s", "time_rollout_s", "time_gradient_s", "time_train_s",
+    "time_coordinator_s", "worker_idle_frac", "replay_size",
+})
+
+
+def reported_metrics(cfg: ExperimentConfig) -> frozenset:
+    """Every metric name a run of ``cfg`` reports each iteration."""
+    from dqd_ray.system import algorithm_needs
+
+    needs = algorithm_needs(cfg)
+    extra = set()
+    if needs.dqd:
+        extra |= {"grad_norm_fitness", "grad_norm_measures"}
+    if needs.critic_objectives:
+        extra.add("td3_lr")
+    if needs.greedy_insert or needs.pg_variation:
+        extra.add("greedy_fitness")
+    return CORE_METRICS | extra
+
 
 def default_run_dir(cfg: ExperimentConfig) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -60,7 +87,10 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [f"{prefix[:-1]}: run has {a!r}, requested {b!r}"]
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+def init_ray(address: str | None = None, num_cpus: int | None = None,
+             runtime_env: dict | None = None) -> None:
+    """Joins ``address`` (or ``RAY_ADDRESS``), else starts a local Ray; no-op
+    when Ray is already initialized (inside a Tune trial, in tests)."""
     import ray
 
     if ray.is_initialized():
@@ -68,9 +98,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
+                 runtime_env=runtime_env)
 
 
 class GracefulStop:
@@ -123,11 +154,14 @@ class Experiment:
 
     def __init__(self, cfg: ExperimentConfig, run_dir: Path, *, backend: Backend = "ray",
                  address: str | None = None, num_cpus: int | None = None,
-                 torch_threads: int | None = None, resume_state: tuple | None = None):
+                 torch_threads: int | None = None, resume_state: tuple | None = None,
+                 wandb_run: dict | None = None):
         self.cfg, self.run_dir, self.backend = cfg, Path(run_dir), backend
         self.address, self.num_cpus, self.torch_threads = address, num_cpus, torch_threads
         self.resume_state = resume_state
+        self.wandb_run = wandb_run or {}  # WandbSink keywords (a Tune trial's name, group)
         self.meta = env_metadata(cfg.env.id)
+        self._state: dict | None = None  # a checkpoint already read into memory
 
     # -- entry points ------------------------------------------------------------
 
@@ -173,6 +207,40 @@ class Experiment:
         (run_dir / "config.yaml").write_text(to_yaml(requested))
         return cls(requested, run_dir, resume_state=(path, manifest), **kw)
 
+    @classmethod
+    def restore(cls, cfg: ExperimentConfig, run_dir: str | Path, checkpoint: str | Path,
+                **kw) -> "Experiment":
+        """Continues from ``checkpoint`` under ``cfg``, which may differ from the
+        checkpoint's config (a Tune restore: a retry, ``Tuner.restore``, or a
+        PBT exploit that copies another trial's checkpoint with new values).
+
+        The checkpoint is verified and read into memory at once (its directory
+        may be temporary). Settings that changed are printed and appended to
+        ``run_dir/restores.jsonl``; a change the saved state cannot take (a
+        network size, a replay capacity) fails when the state is loaded, as a
+        :class:`~dqd_ray.checkpoint.CheckpointError`.
+        """
+        path, run_dir = Path(checkpoint), Path(run_dir)
+        manifest = ckpt.verify(path)
+        state = ckpt.load_checkpoint(path, manifest)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        if not (run_dir / "run_id").exists():
+            (run_dir / "run_id").write_text(uuid.uuid4().hex[:12])
+        saved = {k: v for k, v in manifest["config"].items() if k not in RESUMABLE}
+        now = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in RESUMABLE}
+        changed = _diff(saved, now)
+        record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "checkpoint": str(path),
+                  "iteration": int(manifest["iteration"]), "changed": changed}
+        with open(run_dir / "restores.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if changed:
+            print(f"restoring {path} (iteration {manifest['iteration']}) with changed "
+                  "settings:\n  " + "\n  ".join(changed))
+        exp = cls(cfg, run_dir, resume_state=(path, manifest), **kw)
+        exp._state = state
+        return exp
+
     # -- the loop ------------------------------------------------------------------
 
     def _budget_left(self, m: dict | None) -> bool:
@@ -197,7 +265,9 @@ class Experiment:
         """
         cfg = self.cfg
         state = None
-        if self.resume_state is not None:  # read and checked before anything starts
+        if self._state is not None:
+            state, self._state = self._state, None
+        elif self.resume_state is not None:  # read and checked before anything starts
             state = ckpt.load_checkpoint(*self.resume_state)
         if self.backend == "ray":
             init_ray(self.address, self.num_cpus)
@@ -222,8 +292,10 @@ class Experiment:
         dims = cfg.env.resolved_dims()
         if cfg.logging.wandb:
             run_id = (self.run_dir / "run_id").read_text().strip()
+            kw = {"resume": self.resume_state is not None, **self.wandb_run}
+            run_id = kw.pop("id", run_id)
             sinks.append(WandbSink(self.run_dir, cfg, run_id, dims, self.meta.measure_names,
-                                   resume=self.resume_state is not None))
+                                   **kw))
         sinks += extra_sinks
         last: dict | None = None
         if start_iter >= cfg.iterations:
@@ -243,14 +315,15 @@ class Experiment:
                     m.update(self._throughput(m, dt, prev, now))
                     prev = now
                     m["wall_s"] = self.wall_s
+                    last = m
+                    saved = None
+                    if m["iteration"] % cfg.checkpoint.every == 0:
+                        saved = self._save(system, m["iteration"])
+                        saved_at = m["iteration"]
                     wanted = any(s.wants_archive(m["iteration"]) for s in sinks)
                     archive = system.archive() if wanted else None
                     for s in sinks:
-                        s.log(m, archive)
-                    last = m
-                    if m["iteration"] % cfg.checkpoint.every == 0:
-                        self._save(system, m["iteration"])
-                        saved_at = m["iteration"]
+                        s.log(m, archive, checkpoint=saved)
             except KeyboardInterrupt:
                 # A second signal (or Ctrl-C where no handler could be installed):
                 # an iteration may be half done, so its state is not saved.
@@ -305,6 +378,7 @@ class Experiment:
             "time_train_s": m["train_s"], "time_coordinator_s": coord_s,
             "worker_idle_frac": max(0.0, 1.0 - busy / (workers * dt)) if dt > 0 else 0.0,
             "replay_size": now["replay_size"],
+            **({"td3_lr": now["td3_lr"]} if "td3_lr" in now else {}),
         }
 
     def _summary(self, system, last: dict | None, interrupted: bool, plot: bool = True) -> dict:

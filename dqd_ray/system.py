@@ -344,6 +344,7 @@ class LearnerGroup:
         merged = _merge_losses(outs, self.objectives)
         merged["updates"] = int(min(o["updates"] for o in outs))
         merged["busy_s"] = float(sum(o["busy_s"] for o in outs))
+        merged["lr"] = float(outs[0]["lr"])
         return merged
 
 
@@ -402,53 +403,82 @@ class GPUUnavailableError(RuntimeError):
     pass
 
 
+class ResourceError(RuntimeError):
+    """The graph cannot be placed on the resources it was given."""
+
+
 def _warn(msg: str) -> None:
     log.warning(msg)
     print(f"warning: {msg}")
 
 
+def _placement_group_resources() -> dict | None:
+    """Total resources of the placement group this process runs in (a Tune
+    trial), or None outside one."""
+    from ray.util import get_current_placement_group
+
+    pg = get_current_placement_group()
+    if pg is None:
+        return None
+    total: dict[str, float] = {}
+    for bundle in pg.bundle_specs:
+        for k, v in bundle.items():
+            total[k] = total.get(k, 0.0) + float(v)
+    return total
+
+
 def resolve_resources(cfg: ExperimentConfig, placement: str = "ray") -> tuple[int, float]:
     """(rollout workers, GPUs per learner) for this placement.
 
-    On Ray: from the connected cluster's resources. In process: one worker
-    unless set, GPUs if torch sees one.
+    On Ray: sized from the placement group this process runs in (a Tune
+    trial: its bundles are all the graph may use), else from the connected
+    cluster's resources. In process: one worker unless set, GPUs if torch
+    sees one.
 
     Raises:
         GPUUnavailableError: GPUs requested strictly but there are none.
+        ResourceError: The graph cannot fit the trial's placement group.
     """
     r = cfg.resources
     gpus = r.num_gpus_per_learner
     n_learners = len(split_objectives(learner_objectives(cfg), r.num_learners)) \
         if learner_objectives(cfg) else 0
+    pg = None
     if placement == "ray":
         import ray
 
-        res = ray.cluster_resources()
+        pg = _placement_group_resources()
+        res = pg if pg is not None else ray.cluster_resources()
         have_gpus = res.get("GPU", 0)
+        where = "the trial's placement group" if pg is not None else "the cluster"
     else:
         import torch
 
         res = {}
         have_gpus = torch.cuda.device_count()
+        where = "this process"
     if gpus > 0 and n_learners and have_gpus < gpus * n_learners:
         msg = (f"resources.num_gpus_per_learner={gpus} x {n_learners} learners "
-               f"but {'the cluster' if placement == 'ray' else 'this process'} has "
-               f"{have_gpus} GPUs")
+               f"but {where} has {have_gpus} GPUs")
         if r.strict_gpu:
             raise GPUUnavailableError(msg + " (resources.strict_gpu=true)")
         _warn(f"{msg}; using CPU learners instead")
         gpus = 0.0
-    learner_cpus = 0 if gpus > 0 else n_learners
+    learner_cpus = 0.0 if gpus > 0 else n_learners * r.cpus_per_learner
     n = r.num_rollout_workers
     if placement != "ray":
         return (1 if n is None else n), gpus
     if n is None:
-        n = max(1, int(res.get("CPU", 1)) - learner_cpus)
-    need, have = n + learner_cpus, res.get("CPU", 0)
-    if need > have:
-        _warn(f"the graph needs {need} CPUs ({n} rollout workers + {learner_cpus} CPU "
-              f"learners) but the cluster has {have:g}: actors will wait until an autoscaler "
-              "adds nodes; lower resources.num_rollout_workers or resources.num_learners")
+        n = max(1, int((res.get("CPU", 1) - learner_cpus) / r.cpus_per_worker + 1e-9))
+    need, have = n * r.cpus_per_worker + learner_cpus, res.get("CPU", 0)
+    if need > have + 1e-9:
+        msg = (f"the graph needs {need:g} CPUs ({n} rollout workers x "
+               f"{r.cpus_per_worker:g} + {learner_cpus:g} for CPU learners) but {where} "
+               f"has {have:g}")
+        if pg is not None:  # nothing will ever add CPUs to a placement group
+            raise ResourceError(msg + ": the trial's bundles must match its config")
+        _warn(msg + ": actors will wait until an autoscaler adds nodes; lower "
+              "resources.num_rollout_workers or resources.num_learners")
     return n, gpus
 
 
@@ -486,7 +516,8 @@ class System:
         self.replay = p.make(ReplayBuffer, {"num_cpus": 0}, meta.obs_dim, meta.act_dim,
                              1 + meta.measure_dim, cfg.td3.replay_capacity,
                              seed=Seeds.to_int(seeds.replay))
-        worker_opts = {"num_cpus": 1, "max_restarts": -1, "max_task_retries": -1}
+        worker_opts = {"num_cpus": r.cpus_per_worker, "max_restarts": -1,
+                       "max_task_retries": -1}
         self.workers = [
             p.make(RolloutWorker, worker_opts, cfg.env.id, spec, num_envs=r.envs_per_worker,
                    episode_length=cfg.env.episode_length, chunk_size=r.chunk_size,
@@ -499,7 +530,7 @@ class System:
             device = "auto"
         else:
             device = "auto" if gpus > 0 else "cpu"
-        learner_opts = {"num_cpus": 0 if gpus > 0 else 1, "num_gpus": gpus,
+        learner_opts = {"num_cpus": 0 if gpus > 0 else r.cpus_per_learner, "num_gpus": gpus,
                         "concurrency_groups": {"train": 1, "grad": 1}}
         self.learners = [
             p.make(Learner, learner_opts, spec, 1 + meta.measure_dim, cfg.td3,
@@ -571,10 +602,14 @@ class System:
 
     def system_stats(self) -> dict:
         workers = self.p.get([self.p.call(w, "stats") for w in self.workers])
-        return {"worker_busy_s": float(sum(w["busy_s"] for w in workers)),
-                "num_rollout_workers": len(self.workers),
-                "replay_size": int(self._get(self.replay, "size")),
-                "critic_updates": self.group.stats()["updates"] if self.group else 0}
+        learners = self.group.stats() if self.group else {}
+        out = {"worker_busy_s": float(sum(w["busy_s"] for w in workers)),
+               "num_rollout_workers": len(self.workers),
+               "replay_size": int(self._get(self.replay, "size")),
+               "critic_updates": learners.get("updates", 0)}
+        if learners:
+            out["td3_lr"] = learners["lr"]  # the rate in effect (a PBT restore changes it)
+        return out
 
     def stop_learners(self, timeout_s: float = 60.0) -> None:
         """Stops background training; gives up (with a warning) on learners that
@@ -607,5 +642,5 @@ def build(cfg: ExperimentConfig, placement: str = "ray",
 
 
 __all__ = ["Evaluator", "GPUUnavailableError", "GradientSource", "InProcess", "LearnerGroup",
-           "OnRay", "PooledEvaluator", "ReplaySampler", "ReplaySink", "Saveable", "Seeds",
+           "OnRay", "PooledEvaluator", "ReplaySampler", "ResourceError", "ReplaySink", "Saveable", "Seeds",
            "System", "build", "resolve_resources"]

@@ -299,6 +299,11 @@ class TD3Ensemble:
         self.critic_target.load_state_dict(state["critic_target"])
         self.actor_opt.load_state_dict(state["actor_opt"])
         self.critic_opt.load_state_dict(state["critic_opt"])
+        # The configured rate wins over the saved one: a restore under a new
+        # config (a Tune PBT exploit) must train at the new rate.
+        for opt in (self.actor_opt, self.critic_opt):
+            for group in opt.param_groups:
+                group["lr"] = self.cfg.lr
         if len(state["noise_gens"]) != len(self.noise_gens):
             raise ValueError(f"state has {len(state['noise_gens'])} noise streams, "
                              f"this ensemble has {len(self.noise_gens)}")

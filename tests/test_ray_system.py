@@ -335,7 +335,7 @@ class SignalLater:
     def wants_archive(self, iteration):
         return False
 
-    def log(self, metrics, archive=None):
+    def log(self, metrics, archive=None, checkpoint=None):
         if metrics["iteration"] == self.after:
             threading.Timer(self.delay, os.kill, (os.getpid(), self.sig)).start()
 
