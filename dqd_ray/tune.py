@@ -329,6 +329,8 @@ class Sweep:
 
     def _validate(self) -> None:
         tc = self.spec.tune_config
+        if "preset" in self.spec.base.set:
+            raise ConfigError(f"{self.path}: base.set cannot choose the preset; use base.preset")
         presets = self.presets()
         for p in presets:
             if p is not None and p not in PRESETS:
@@ -440,6 +442,8 @@ def _apply_sets(raw: dict, sets: list[str]) -> dict:
             raw.setdefault("param_space", {})[rest] = value
         elif head == "base" and rest.startswith("set.") and len(rest) > 4:
             raw.setdefault("base", {}).setdefault("set", {})[rest[4:]] = value
+        elif key == "preset":  # the base preset (base.set cannot change it)
+            raw.setdefault("base", {})["preset"] = value
         elif head in SweepFile.model_fields:
             raw = _merge(raw, nested)
         else:  # an experiment setting: a base override
