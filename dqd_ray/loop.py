@@ -67,7 +67,7 @@ def reported_metrics(cfg: ExperimentConfig) -> frozenset:
         extra |= {"grad_norm_fitness", "grad_norm_measures"}
     if needs.critic_objectives:
         extra.add("td3_lr")
-    if needs.greedy_insert or needs.pg_variation:
+    if needs.greedy_insert:  # (PGA-ME's greedy row waits for trained critics)
         extra.add("greedy_fitness")
     return CORE_METRICS | extra
 

@@ -119,6 +119,10 @@ class TrialSection(_Strict):
                                "(the loop; 0: the trial asks only for its actors' bundles).")
     max_failures: int = Field(2, ge=-1, description="Retries of a failed trial, each from "
                               "its last checkpoint (-1: no limit).")
+    checkpoints_to_keep: int | None = Field(
+        None, gt=0, description="Tune checkpoints kept per trial. Default: checkpoint.keep "
+        "(at least 2); with PBT all of them, since an exploit may copy a checkpoint a faster "
+        "trial has since replaced (set a number to bound the disk a long PBT sweep uses).")
 
 
 class SweepFile(_Strict):
@@ -715,7 +719,9 @@ def run_sweep(path: str | Path, sets: list[str] | None = None, *, address: str |
 
     tc = sweep.spec.tune_config
     trainable = make_trainable(sweep, env["WANDB_MODE"])
-    keep = max(2, min(c.checkpoint.keep for c in sweep.base_configs.values()))
+    keep = sweep.spec.trial.checkpoints_to_keep
+    if keep is None and not isinstance(tc.scheduler, PBTScheduler):
+        keep = max(2, min(c.checkpoint.keep for c in sweep.base_configs.values()))
     run_config = tune.RunConfig(
         name=sweep.name, storage_path=str(sweep.storage_path()),
         failure_config=tune.FailureConfig(max_failures=sweep.spec.trial.max_failures),

@@ -250,20 +250,23 @@ def test_quick_sweep_asha_stops_a_trial_and_logs_wandb(ray_session, tmp_path, ca
 
 @pytest.mark.slow
 def test_pbt_exploit_restores_another_trials_checkpoint_with_new_config(ray_session, tmp_path):
-    """Two trials side by side; the one with fewer critic updates per iteration
-    copies the other's checkpoint; afterwards it trains at its new (perturbed)
-    TD3 learning rate."""
+    """Two trials side by side; the one with more critic updates (the metric is
+    minimized) copies the other's checkpoint at a perturbation step, then
+    trains from the donor's state at its new (perturbed) learning rate."""
     path = write_sweep(
         tmp_path / "s.yaml",
         param_space={"td3.train_steps_per_iteration": {"grid_search": [1, 6]},
                      "td3.lr": 3e-4},
-        tune_config={"metric": "critic_updates_total", "mode": "max",
+        tune_config={"metric": "critic_updates_total", "mode": "min",
                      "max_concurrent_trials": 2,
                      "scheduler": {"name": "pbt", "perturbation_interval": 2,
-                                   "quantile_fraction": 0.5, "resample_probability": 0.0,
+                                   "quantile_fraction": 0.5,
+                                   "resample_probability": 0.0,
                                    "hyperparam_mutations": {"td3.lr": {
                                        "loguniform": [1e-5, 1e-2]}}}})
-    summary = run_sweep(path, ["iterations=8", "resources.cpus_per_worker=0.5",
+    summary = run_sweep(path, ["iterations=5", "checkpoint.every=1",
+                               "resources.learner_mode=sync",
+                               "resources.cpus_per_worker=0.5",
                                "resources.cpus_per_learner=0.5"])
     assert summary["errors"] == 0
     trials = _trial_dirs(tmp_path / "storage" / "t")
@@ -275,19 +278,23 @@ def test_pbt_exploit_restores_another_trials_checkpoint_with_new_config(ray_sess
     exploits = [(t, r) for t, r in restores if not r["checkpoint"].startswith(str(t))]
     assert exploits, f"no PBT exploit happened: {restores}"
     t, r = exploits[0]
+    it = r["iteration"]
     donor = next(d for d in trials if r["checkpoint"].startswith(str(d)))
     # "td3.lr: run has <the checkpoint's>, requested <the new value>"
     (change,) = [c for c in r["changed"] if c.startswith("td3.lr:")]
     saved_lr = float(change.split("run has ")[1].split(",")[0])
     new_lr = float(change.split("requested ")[1])
     assert new_lr != pytest.approx(saved_lr)  # perturbed on exploit
-    metrics = read_metrics(t / "run")
-    after = [m for m in metrics if m["iteration"] == r["iteration"] + 1]
-    assert after and after[0]["td3_lr"] == pytest.approx(new_lr)  # in effect
-    # The state came from the donor: its critic updates, not the trial's own.
+    own = [json.loads(line) for name in ("metrics.jsonl", "metrics.abandoned.jsonl")
+           if (t / "run" / name).exists()
+           for line in (t / "run" / name).read_text().splitlines()]
+    metrics = {m["iteration"]: m for m in read_metrics(t / "run")}
+    assert metrics[it + 1]["td3_lr"] == pytest.approx(new_lr)  # in effect after the restore
+    # The state came from the donor (1 update per iteration), not the trial's own (6).
     donor_metrics = {m["iteration"]: m for m in read_metrics(donor / "run")}
-    assert after[0]["critic_updates_total"] > donor_metrics[r["iteration"]][
-        "critic_updates_total"]
+    own_before = max(m["critic_updates_total"] for m in own if m["iteration"] == it)
+    assert (donor_metrics[it]["critic_updates_total"] < metrics[it + 1]["critic_updates_total"]
+            < own_before + 6)
 
 
 def _wait_for(cond, timeout: float, what: str) -> None:
@@ -366,3 +373,33 @@ def test_a_crashed_actor_is_retried_from_the_last_checkpoint(ray_session, tmp_pa
     restores = [json.loads(x) for x in (trial / "run" / "restores.jsonl").read_text().splitlines()]
     assert restores[0]["iteration"] >= 2 and restores[0]["checkpoint"].startswith(str(trial))
     assert [m["iteration"] for m in read_metrics(trial / "run")] == list(range(1, 9))
+
+
+@pytest.mark.slow
+def test_inside_a_placement_group_the_builder_sizes_from_its_bundles(ray_session):
+    """In a trial, ``ray.cluster_resources()`` is the whole cluster: the graph
+    is sized from the trial's bundles instead, and one that cannot fit them is
+    an error (nothing would ever add CPUs to a placement group)."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    @ray.remote(num_cpus=0)
+    def workers_for(sets):
+        from dqd_ray.system import resolve_resources
+
+        return resolve_resources(build_config("map_elites", sets=sets), "ray")[0]
+
+    pg = placement_group([{"CPU": 0.5}] * 3)
+    ray.get(pg.ready(), timeout=60)
+    try:
+        inside = workers_for.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
+            pg, placement_group_capture_child_tasks=True))
+        assert ray.get(inside.remote(["resources.cpus_per_worker=0.5"]), timeout=60) == 3
+        assert ray.get(workers_for.remote(["resources.cpus_per_worker=0.5"]),
+                       timeout=60) > 3  # outside: the whole cluster
+        with pytest.raises(Exception, match="the trial's bundles must match"):
+            ray.get(inside.remote(["resources.cpus_per_worker=0.5",
+                                   "resources.num_rollout_workers=4"]), timeout=60)
+    finally:
+        remove_placement_group(pg)
