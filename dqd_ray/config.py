@@ -393,12 +393,18 @@ def parse_set(item: str) -> dict:
     if not key or any(not p for p in key.split(".")):
         raise ConfigError(f"--set has an empty key in {item!r}")
     value = yaml.safe_load(raw) if raw != "" else None
+    return nest_dotted({key: value})
+
+
+def nest_dotted(flat: dict[str, Any]) -> dict:
+    """``{"td3.lr": 1e-3, "seed": 2}`` -> ``{"td3": {"lr": 1e-3}, "seed": 2}``."""
     out: dict = {}
-    node = out
-    parts = key.split(".")
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-    node[parts[-1]] = value
+    for key, value in flat.items():
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
     return out
 
 

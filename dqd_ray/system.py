@@ -641,6 +641,6 @@ def build(cfg: ExperimentConfig, placement: str = "ray",
     return System(cfg, placement, torch_threads=torch_threads)
 
 
-__all__ = ["Evaluator", "GPUUnavailableError", "GradientSource", "InProcess", "LearnerGroup",
-           "OnRay", "PooledEvaluator", "ReplaySampler", "ResourceError", "ReplaySink", "Saveable", "Seeds",
-           "System", "build", "resolve_resources"]
+__all__ = ["Evaluator", "GPUUnavailableError", "GradientSource", "InProcess",
+           "LearnerGroup", "OnRay", "PooledEvaluator", "ReplaySampler", "ReplaySink",
+           "ResourceError", "Saveable", "Seeds", "System", "build", "resolve_resources"]

@@ -53,8 +53,16 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from dqd_ray.config import (PRESETS, ConfigError, ExperimentConfig, _format_error, _merge,
-                            build_config, parse_set)
+from dqd_ray.config import (
+    PRESETS,
+    ConfigError,
+    ExperimentConfig,
+    _format_error,
+    _merge,
+    build_config,
+    nest_dotted,
+    parse_set,
+)
 
 SAMPLERS = ("grid_search", "choice", "uniform", "loguniform", "randint", "quniform")
 # Results Tune adds to every report; a sweep may optimize them too.
@@ -214,17 +222,6 @@ def parse_param(path: str, spec: Any, where: str = "param_space") -> Param:
     return Param(path, kind, tuple(args))
 
 
-def _nest(flat: dict[str, Any]) -> dict:
-    out: dict = {}
-    for key, value in flat.items():
-        node = out
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = value
-    return out
-
-
 def _lookup(tree: dict, path: str) -> tuple[bool, Any]:
     node: Any = tree
     for part in path.split("."):
@@ -269,7 +266,7 @@ class Sweep:
         self._init()
 
     @classmethod
-    def from_parts(cls, raw: dict, base_data: dict | None, label: str) -> "Sweep":
+    def from_parts(cls, raw: dict, base_data: dict | None, label: str) -> Sweep:
         """The same sweep from its parsed parts (what a trial on another node gets:
         the files themselves may not exist there)."""
         self = cls.__new__(cls)
@@ -316,13 +313,13 @@ class Sweep:
         params = dict(params)
         preset = params.pop("preset", self.spec.base.preset)
         layered = _merge(self.base_data or {},
-                         _merge(_nest(self.spec.base.set), _nest(params)))
+                         _merge(nest_dotted(self.spec.base.set), nest_dotted(params)))
         cfg = build_config(preset, overrides=layered)
         # Samplers such as quniform and PBT's perturbations give floats for
         # integer settings: round those (pydantic rejects 128.0 only if inexact).
         fixed = _integer_params(cfg, params)
         if fixed:
-            cfg = build_config(preset, overrides=_merge(layered, _nest(fixed)))
+            cfg = build_config(preset, overrides=_merge(layered, nest_dotted(fixed)))
         return cfg
 
     def _check(self, params: dict[str, Any], what: str) -> ExperimentConfig:
@@ -488,7 +485,7 @@ def _total(bundles: list[dict]) -> dict[str, float]:
 def describe_bundles(bundles: list[dict], cfg: ExperimentConfig) -> str:
     n_workers = cfg.resources.num_rollout_workers or 1
     head, workers, learners = bundles[0], bundles[1:1 + n_workers], bundles[1 + n_workers:]
-    fmt = lambda b: "{" + ", ".join(f"{k}: {v:g}" for k, v in b.items()) + "}"  # noqa: E731
+    fmt = lambda b: "{" + ", ".join(f"{k}: {v:g}" for k, v in b.items()) + "}"
     parts = [f"driver {fmt(head) if head else '{} (no resources)'}",
              f"{len(workers)} x rollout {fmt(workers[0])}"]
     if learners:
@@ -677,7 +674,10 @@ def run_sweep(path: str | Path, sets: list[str] | None = None, *, address: str |
     exp_dir = sweep.experiment_dir()
     if dry_run:
         dry_run_report(sweep)
-    if not resume and (exp_dir / "sweep.yaml").exists():
+    if dry_run and not resume and (exp_dir / "sweep.yaml").exists():
+        print(f"note: {exp_dir} already holds this sweep: run it with --resume, or under "
+              "another name (--set name=...)")
+    elif not resume and (exp_dir / "sweep.yaml").exists():
         raise ConfigError(f"{exp_dir} already holds this sweep: continue it with --resume, or "
                           "choose another name (--set name=...)")
     if resume:
@@ -702,7 +702,6 @@ def run_sweep(path: str | Path, sets: list[str] | None = None, *, address: str |
                 print(f"note: {err} (fine for a cluster: pass --address to check against it)")
         return {"sweep": sweep.name, "trials": sweep.num_trials(), "dry_run": True}
 
-    import ray
     from ray import tune
 
     from dqd_ray.loop import init_ray
