@@ -186,11 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from dqd_ray.checkpoint import CheckpointError
     from dqd_ray.config import ConfigError
+    from dqd_ray.system import GPUUnavailableError, ResourceError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError) as err:
+    except (ConfigError, CheckpointError, ResourceError, GPUUnavailableError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -242,6 +242,21 @@ class ResourcesConfig(_Strict):
     cpus_per_learner: float = Field(
         1.0, gt=0, description="CPUs each CPU learner asks Ray for (GPU learners ask for none)."
     )
+    rollout_resource: str | None = Field(
+        None, description="A custom resource each rollout worker also asks for "
+        "(cpus_per_worker of it), e.g. `rollout`, offered by the rollout nodes."
+    )
+    learner_resource: str | None = Field(
+        None, description="A custom resource each learner also asks for (1 of it), e.g. "
+        "`learner`, offered by the learner nodes."
+    )
+    pin_to_head: bool = Field(
+        False, description="Place the coordinator and replay buffer on the head node."
+    )
+    wait_for_resources_s: float = Field(
+        600.0, ge=0, description="When joining a cluster whose resources cannot hold the "
+        "graph yet, how long to wait for the autoscaler before failing."
+    )
     strict_gpu: bool = Field(False, description="Fail instead of falling back to CPU.")
     learner_mode: Literal["sync", "async"] = Field(
         "async", description="sync: fixed updates per iteration (reproducible)."

@@ -27,6 +27,8 @@ Interfaces (duck-typed; see the Protocols below):
 from __future__ import annotations
 
 import logging
+import time
+import uuid
 from typing import Any, Protocol
 
 import numpy as np
@@ -120,6 +122,9 @@ class OnRay:
 
     name = "ray"
 
+    def __init__(self):
+        self._names: dict[int, str] = {}
+
     def make(self, cls, options: dict, *args, **kw):
         import ray
 
@@ -148,10 +153,15 @@ class OnRay:
         return ray.put(value)
 
     def sink(self, replay):
-        return ReplaySink(replay)
+        return ReplaySink(self._names.get(id(replay), replay))
 
     def sampler(self, replay):
         return ReplayActorSampler(replay)
+
+    def named(self, handle, name: str):
+        """Remembers that ``handle`` was created under ``name`` (see :meth:`sink`)."""
+        self._names[id(handle)] = name
+        return handle
 
     def kill(self, handle) -> None:
         import ray
@@ -169,11 +179,25 @@ PLACEMENTS = {"inprocess": InProcess, "ray": OnRay}
 
 
 class ReplaySink:
-    """Sends transition chunks to the replay actor with bounded backpressure."""
+    """Sends transition chunks to the replay actor with bounded backpressure.
+
+    ``replay`` is the actor's handle or its name. Restartable rollout workers
+    get the name and look the actor up on first use: a handle among an actor's
+    constructor arguments lives in the object store, and Ray cannot promise to
+    restart an actor whose arguments may be gone (ray-project/ray#53727).
+    """
 
     def __init__(self, replay, max_in_flight: int = 2):
-        self.replay, self.max_in_flight = replay, max_in_flight
+        self._replay, self.max_in_flight = replay, max_in_flight
         self._pending: list = []
+
+    @property
+    def replay(self):
+        if isinstance(self._replay, str):
+            import ray
+
+            self._replay = ray.get_actor(self._replay)
+        return self._replay
 
     def __call__(self, chunk: dict, key: tuple | None = None) -> None:
         import ray
@@ -191,7 +215,7 @@ class ReplaySink:
             self._pending = []
 
     def __getstate__(self):
-        return {"replay": self.replay, "max_in_flight": self.max_in_flight, "_pending": []}
+        return {"_replay": self._replay, "max_in_flight": self.max_in_flight, "_pending": []}
 
 
 class _Future:
@@ -427,17 +451,60 @@ def _placement_group_resources() -> dict | None:
     return total
 
 
+def _started_here() -> bool:
+    """Whether this process started the Ray it is connected to (``ray.init()``
+    without an address): nothing will add resources to it."""
+    try:
+        import ray._private.worker as rw
+
+        return bool(getattr(rw.global_worker.node, "head", False))
+    except Exception:  # noqa: BLE001 - an unknown Ray layout: treat as a cluster
+        return False
+
+
+def graph_needs(cfg: ExperimentConfig, n_workers: int, gpus: float) -> dict[str, float]:
+    """The Ray resources the whole graph asks for (the sum over its actors)."""
+    r = cfg.resources
+    objs = learner_objectives(cfg)
+    n_learners = len(split_objectives(objs, r.num_learners)) if objs else 0
+    need = {"CPU": n_workers * r.cpus_per_worker
+            + (0.0 if gpus > 0 else n_learners * r.cpus_per_learner)}
+    if gpus > 0 and n_learners:
+        need["GPU"] = gpus * n_learners
+    if r.rollout_resource:
+        need[r.rollout_resource] = need.get(r.rollout_resource, 0.0) + n_workers * r.cpus_per_worker
+    if r.learner_resource and n_learners:
+        need[r.learner_resource] = need.get(r.learner_resource, 0.0) + n_learners
+    return need
+
+
+def _missing(need: dict, have: dict) -> dict[str, tuple[float, float]]:
+    return {k: (v, have.get(k, 0.0)) for k, v in need.items() if v > have.get(k, 0.0) + 1e-9}
+
+
+def _describe(missing: dict, where: str, n: int, cfg: ExperimentConfig) -> str:
+    parts = ", ".join(f"{k} {v:g} (has {h:g})" for k, (v, h) in missing.items())
+    return (f"the graph ({n} rollout workers x {cfg.resources.cpus_per_worker:g} CPU, "
+            f"learners, coordinator, replay) needs {parts} but {where} does not have them: "
+            "lower resources.num_rollout_workers (or cpus_per_worker, num_learners, "
+            "num_gpus_per_learner), drop resources.rollout_resource/learner_resource on a "
+            "machine that does not offer them, or add nodes")
+
+
 def resolve_resources(cfg: ExperimentConfig, placement: str = "ray") -> tuple[int, float]:
     """(rollout workers, GPUs per learner) for this placement.
 
     On Ray: sized from the placement group this process runs in (a Tune
     trial: its bundles are all the graph may use), else from the connected
-    cluster's resources. In process: one worker unless set, GPUs if torch
-    sees one.
+    cluster's resources. A graph that cannot fit is an error at once when this
+    process started Ray itself (or in a placement group); on a cluster joined
+    by address the autoscaler gets ``resources.wait_for_resources_s`` to add
+    nodes, with a message every 30 s. In process: one worker unless set,
+    GPUs if torch sees one.
 
     Raises:
         GPUUnavailableError: GPUs requested strictly but there are none.
-        ResourceError: The graph cannot fit the trial's placement group.
+        ResourceError: The graph cannot fit, naming what is missing.
     """
     r = cfg.resources
     gpus = r.num_gpus_per_learner
@@ -470,15 +537,29 @@ def resolve_resources(cfg: ExperimentConfig, placement: str = "ray") -> tuple[in
         return (1 if n is None else n), gpus
     if n is None:
         n = max(1, int((res.get("CPU", 1) - learner_cpus) / r.cpus_per_worker + 1e-9))
-    need, have = n * r.cpus_per_worker + learner_cpus, res.get("CPU", 0)
-    if need > have + 1e-9:
-        msg = (f"the graph needs {need:g} CPUs ({n} rollout workers x "
-               f"{r.cpus_per_worker:g} + {learner_cpus:g} for CPU learners) but {where} "
-               f"has {have:g}")
-        if pg is not None:  # nothing will ever add CPUs to a placement group
-            raise ResourceError(msg + ": the trial's bundles must match its config")
-        _warn(msg + ": actors will wait until an autoscaler adds nodes; lower "
-              "resources.num_rollout_workers or resources.num_learners")
+    need = graph_needs(cfg, n, gpus)
+    missing = _missing(need, res)
+    if not missing:
+        return n, gpus
+    if pg is not None:  # nothing will ever add resources to a placement group
+        raise ResourceError(_describe(missing, where, n, cfg)
+                            + "; the trial's bundles must match its config")
+    if _started_here():
+        raise ResourceError(_describe(missing, "this machine's Ray", n, cfg))
+    import ray
+
+    t0 = time.monotonic()
+    last_msg = -1e9
+    while missing and time.monotonic() - t0 < r.wait_for_resources_s:
+        if time.monotonic() - last_msg >= 30:
+            _warn(f"waiting up to {r.wait_for_resources_s:g} s for the autoscaler: "
+                  + ", ".join(f"{k} {v:g} needed, {h:g} now" for k, (v, h) in missing.items()))
+            last_msg = time.monotonic()
+        time.sleep(2.0)
+        missing = _missing(need, ray.cluster_resources())
+    if missing:
+        raise ResourceError(_describe(missing, f"the cluster (after waiting "
+                                      f"{r.wait_for_resources_s:g} s)", n, cfg))
     return n, gpus
 
 
@@ -513,11 +594,23 @@ class System:
             _warn(f"resources.num_rollout_workers={n_workers}: in process the workers "
                   "evaluate one after another (same numbers as on Ray, no parallelism)")
 
-        self.replay = p.make(ReplayBuffer, {"num_cpus": 0}, meta.obs_dim, meta.act_dim,
-                             1 + meta.measure_dim, cfg.td3.replay_capacity,
-                             seed=Seeds.to_int(seeds.replay))
         worker_opts = {"num_cpus": r.cpus_per_worker, "max_restarts": -1,
                        "max_task_retries": -1}
+        if r.rollout_resource:
+            worker_opts["resources"] = {r.rollout_resource: r.cpus_per_worker}
+        # The coordinator and the replay buffer ask for no CPU; pinned, they land
+        # on the head node (Ray's built-in node:__internal_head__ resource).
+        central_opts = {"num_cpus": 0}
+        if r.pin_to_head:
+            central_opts["resources"] = {"node:__internal_head__": 0.001}
+        replay_opts = dict(central_opts)
+        if placement == "ray":  # workers find it by name (see ReplaySink)
+            replay_opts["name"] = f"dqd-ray-replay-{uuid.uuid4().hex[:12]}"
+        self.replay = p.make(ReplayBuffer, replay_opts, meta.obs_dim, meta.act_dim,
+                             1 + meta.measure_dim, cfg.td3.replay_capacity,
+                             seed=Seeds.to_int(seeds.replay))
+        if placement == "ray":
+            p.named(self.replay, replay_opts["name"])
         self.workers = [
             p.make(RolloutWorker, worker_opts, cfg.env.id, spec, num_envs=r.envs_per_worker,
                    episode_length=cfg.env.episode_length, chunk_size=r.chunk_size,
@@ -532,6 +625,8 @@ class System:
             device = "auto" if gpus > 0 else "cpu"
         learner_opts = {"num_cpus": 0 if gpus > 0 else r.cpus_per_learner, "num_gpus": gpus,
                         "concurrency_groups": {"train": 1, "grad": 1}}
+        if r.learner_resource:
+            learner_opts["resources"] = {r.learner_resource: 1}
         self.learners = [
             p.make(Learner, learner_opts, spec, 1 + meta.measure_dim, cfg.td3,
                    p.sampler(self.replay), device=device, seed=Seeds.to_int(seeds.learners),
@@ -546,7 +641,7 @@ class System:
         es = ESGradient(cfg.es.sigma, cfg.es.num_samples, seed=Seeds.to_int(seeds.es)) \
             if needs.es_rows else None
         self.coordinator = p.make(
-            Coordinator, {"num_cpus": 0},
+            Coordinator, central_opts,
             solution_dim=spec.genome_dim, x0=initial_theta(cfg, spec, seeds),
             archive_dims=cfg.env.resolved_dims(), archive_ranges=cfg.env.resolved_ranges(),
             qd_offset=meta.qd_offset, algorithm=cfg.algorithm, evaluator=evaluator,

@@ -342,6 +342,10 @@ class Sweep:
         self.base_configs = {p: self._check({"preset": p} if p else {}, f"base (preset {p})")
                              for p in presets}
         for cfg in self.base_configs.values():
+            if cfg.resources.pin_to_head:
+                raise ConfigError(f"{self.path}: resources.pin_to_head does not apply to "
+                                  "trials: each trial's coordinator and replay buffer live "
+                                  "with its driver, in its placement group")
             if cfg.resources.num_rollout_workers is None:
                 raise ConfigError(
                     f"{self.path}: set resources.num_rollout_workers in base.set: each trial's "
@@ -468,9 +472,14 @@ def trial_bundles(cfg: ExperimentConfig, driver_cpus: float = 1.0) -> list[dict[
     objs = learner_objectives(cfg)
     n_learners = len(split_objectives(objs, r.num_learners)) if objs else 0
     head = {"CPU": float(driver_cpus)} if driver_cpus else {}
-    workers = [{"CPU": float(r.cpus_per_worker)} for _ in range(r.num_rollout_workers or 1)]
+    worker = {"CPU": float(r.cpus_per_worker)}
+    if r.rollout_resource:
+        worker[r.rollout_resource] = float(r.cpus_per_worker)
+    workers = [dict(worker) for _ in range(r.num_rollout_workers or 1)]
     learner = ({"GPU": float(r.num_gpus_per_learner)} if r.num_gpus_per_learner > 0
                else {"CPU": float(r.cpus_per_learner)})
+    if r.learner_resource:
+        learner[r.learner_resource] = 1.0
     return [head, *workers, *[dict(learner) for _ in range(n_learners)]]
 
 

@@ -250,9 +250,11 @@ def test_quick_sweep_asha_stops_a_trial_and_logs_wandb(ray_session, tmp_path, ca
 
 @pytest.mark.slow
 def test_pbt_exploit_restores_another_trials_checkpoint_with_new_config(ray_session, tmp_path):
-    """Two trials side by side; the one with more critic updates (the metric is
-    minimized) copies the other's checkpoint at a perturbation step, then
-    trains from the donor's state at its new (perturbed) learning rate."""
+    """Two trials, synchronous PBT with one perturbation step (iteration 4, so
+    it happens whether or not the trials run at the same time): the one with
+    more critic updates (the metric is minimized) copies the other's
+    checkpoint, then trains from the donor's state at its new (perturbed)
+    learning rate."""
     path = write_sweep(
         tmp_path / "s.yaml",
         param_space={"td3.train_steps_per_iteration": {"grid_search": [1, 6]},
@@ -260,7 +262,8 @@ def test_pbt_exploit_restores_another_trials_checkpoint_with_new_config(ray_sess
         tune_config={"metric": "critic_updates_total", "mode": "min",
                      "max_concurrent_trials": 2,
                      "scheduler": {"name": "pbt", "perturbation_interval": 2,
-                                   "quantile_fraction": 0.5,
+                                   "quantile_fraction": 0.5, "synch": True,
+                                   "burn_in_period": 3,
                                    "resample_probability": 0.0,
                                    "hyperparam_mutations": {"td3.lr": {
                                        "loguniform": [1e-5, 1e-2]}}}})

@@ -1,0 +1,145 @@
+"""Cluster files (validated by Ray's own schema), Docker images, and placement
+options on a real local Ray."""
+
+from __future__ import annotations
+
+import copy
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dqd_ray.config import build_config
+
+ROOT = Path(__file__).resolve().parent.parent
+CLUSTERS = sorted((ROOT / "cluster").glob("*.yaml"))
+
+
+def ray_validate(cfg: dict) -> None:
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    validate_config(prepare_config(copy.deepcopy(cfg)))
+
+
+def test_cluster_files_exist():
+    assert {p.stem for p in CLUSTERS} == {"aws", "gcp", "local"}
+
+
+@pytest.mark.parametrize("path", CLUSTERS, ids=lambda p: p.stem)
+def test_cluster_file_passes_rays_validation(path):
+    cfg = yaml.safe_load(path.read_text())
+    ray_validate(cfg)
+    bad = {**cfg, "head_start_commands": ["ray start --head"]}  # a misspelt key
+    with pytest.raises(Exception, match="head_start_commands"):
+        ray_validate(bad)
+
+
+@pytest.mark.parametrize("path", CLUSTERS, ids=lambda p: p.stem)
+def test_cluster_commands_are_strings_and_dashboard_stays_on_head(path):
+    cfg = yaml.safe_load(path.read_text())
+    for key in ("head_start_ray_commands", "worker_start_ray_commands", "setup_commands"):
+        assert all(isinstance(c, str) for c in cfg.get(key, [])), key
+    head = " ".join(cfg["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in head
+
+
+def test_cloud_files_place_roles_with_custom_resources():
+    for name in ("aws", "gcp"):
+        cfg = yaml.safe_load((ROOT / "cluster" / f"{name}.yaml").read_text())
+        types = cfg["available_node_types"]
+        assert types["rollout"]["resources"]["rollout"] == types["rollout"]["resources"]["CPU"]
+        assert types["learner"]["resources"]["learner"] == 1
+        assert types["learner"]["resources"]["GPU"] >= 1
+        assert types["learner"]["docker"]["worker_image"].endswith(":gpu")
+        assert cfg["docker"]["image"].endswith(":cpu")
+        for t in types.values():
+            assert all(isinstance(v, int) for v in t["resources"].values())
+
+
+def test_local_file_offers_resources_in_its_start_commands():
+    cfg = yaml.safe_load((ROOT / "cluster" / "local.yaml").read_text())
+    assert "available_node_types" not in cfg and "head_node_type" not in cfg
+    assert re.search(r"--resources=\S*rollout", " ".join(cfg["worker_start_ray_commands"]))
+
+
+def _pins() -> dict[str, str]:
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        m = re.match(r"^([A-Za-z0-9_.\-]+)==([^\s#]+)", line.strip())
+        if m:
+            pins[m.group(1).lower()] = m.group(2)
+    return pins
+
+
+@pytest.mark.parametrize("name, flavour", [("Dockerfile", "cpu"), ("Dockerfile.gpu", "cu")])
+def test_docker_images_match_the_pinned_versions(name, flavour):
+    import ray
+
+    text = (ROOT / "docker" / name).read_text()
+    pins = _pins()
+    assert pins["ray"] == ray.__version__  # what `make` installs is what the image has
+    (base,) = re.findall(r"^FROM\s+(\S+)", text, re.M)
+    py = f"py{sys.version_info.major}{sys.version_info.minor}"
+    assert re.fullmatch(rf"rayproject/ray:{re.escape(pins['ray'])}-{py}-{flavour}\w*", base)
+    assert "pip install --no-cache-dir -c constraints.txt ." in text
+    assert f'"torch=={pins["torch"]}"' in text
+    if flavour == "cu":  # the torch wheel of the image's CUDA
+        cuda = re.search(r"-cu(\d+)$", base).group(1)
+        assert f"download.pytorch.org/whl/cu{cuda}" in text
+
+
+# -- placement options on a real Ray ------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_graph_that_cannot_fit_a_ray_started_here_is_an_error_at_once(ray_session):
+    from dqd_ray.system import ResourceError, resolve_resources
+
+    cfg = build_config("cma_mega_td3", sets=["resources.num_rollout_workers=9"])
+    with pytest.raises(ResourceError, match=r"CPU 10 \(has 4\).*lower resources"):
+        resolve_resources(cfg)
+    cfg = build_config("cma_mega_td3", sets=["resources.num_rollout_workers=1",
+                                             "resources.rollout_resource=rollout"])
+    with pytest.raises(ResourceError, match=r"rollout 1 \(has 0\)"):
+        resolve_resources(cfg)
+
+
+@pytest.mark.slow
+def test_pinned_to_the_head_the_graph_runs(ray_session):
+    import ray._private.state as ray_state
+
+    from dqd_ray.system import System
+
+    cfg = build_config("map_elites", sets=["resources.num_rollout_workers=1",
+                                           "resources.pin_to_head=true",
+                                           "env.episode_length=30", "algorithm.batch_size=2",
+                                           "td3.replay_capacity=5000"])
+    system = System(cfg, "ray")
+    try:
+        assert system.iteration()["evaluations"] == 2
+        head = next(n["NodeID"] for n in ray_state.nodes() if n["Alive"]
+                    and "node:__internal_head__" in n["Resources"])
+        placed = {i["ActorClassName"]: i["Address"]["NodeID"]
+                  for i in ray_state.actors().values() if i["State"] == "ALIVE"}
+        assert placed["Coordinator"] == placed["ReplayBuffer"] == head
+    finally:
+        system.close()
+
+
+@pytest.mark.slow
+def test_cli_reports_a_graph_too_big_for_this_machine(tmp_path):
+    """`dqd-ray run` starting its own Ray (a process of its own here): an error
+    naming the missing CPUs at once, not a run that waits forever for actors
+    that cannot be placed."""
+    import os
+    import subprocess
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "dqd_ray.cli", "run", "--preset", "map_elites", "--out",
+         str(tmp_path / "run"), "--num-cpus", "1", "--set", "resources.num_rollout_workers=3"],
+        capture_output=True, text=True, timeout=180,
+        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "needs CPU 3 (has 1)" in proc.stderr and "Traceback" not in proc.stderr
