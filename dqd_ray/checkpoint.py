@@ -93,6 +93,8 @@ def save_checkpoint(ckpt_root: str | os.PathLike, iteration: int, state: dict[st
     root = Path(ckpt_root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"ckpt_{iteration:07d}"
+    for stale in root.glob(".tmp_ckpt_*"):  # left by a crash mid-write (one writer per run)
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".tmp_ckpt_{iteration:07d}_{os.getpid()}_{time.time_ns()}"
     tmp.mkdir()
     try:
@@ -202,9 +204,14 @@ def load_checkpoint(path: Path, manifest: dict) -> dict[str, Any]:
     with np.load(path / "archive.npz", allow_pickle=False) as z:
         state["archive"] = {k: z[k] for k in z.files}
     if manifest.get("has_replay"):
-        meta = json.loads((path / "replay.json").read_text())
-        meta["shapes"] = tuple(meta["shapes"])
-        with np.load(path / "replay.npz", allow_pickle=False) as z:
-            meta["data"] = {k: z[k] for k in z.files}
-        state["replay"] = meta
+        state["replay"] = load_replay(path)
     return state
+
+
+def load_replay(path: Path) -> dict[str, Any]:
+    """The replay state of a verified checkpoint that has one (``has_replay``)."""
+    meta = json.loads((path / "replay.json").read_text())
+    meta["shapes"] = tuple(meta["shapes"])
+    with np.load(path / "replay.npz", allow_pickle=False) as z:
+        meta["data"] = {k: z[k] for k in z.files}
+    return meta

@@ -94,6 +94,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                    envs_per_worker=args.envs_per_worker, iterations=args.iterations,
                    json_path=args.json)
         return 0
+    if args.bench == "faults":
+        from dqd_ray.bench import faults
+
+        faults.run(scenarios=args.scenario or None, preset=args.preset,
+                   iterations=args.iterations, sets=args.set, out=args.out,
+                   json_path=args.json, timeout_s=args.timeout)
+        return 0
     raise AssertionError(args.bench)
 
 
@@ -179,6 +186,19 @@ def build_parser() -> argparse.ArgumentParser:
     b_sys.add_argument("--envs-per-worker", type=int, default=4)
     b_sys.add_argument("--iterations", type=int, default=5)
     b_sys.add_argument("--json", default=None)
+    b_flt = bsub.add_parser(
+        "faults", help="node loss, driver SIGKILL and checkpoint crashes on a local "
+        "multi-node Ray cluster; reports what survived")
+    b_flt.add_argument("--scenario", action="append", choices=["nodes", "driver", "wait", "checkpoint"],
+                       help="run only these (repeatable; default: all)")
+    b_flt.add_argument("--preset", default="cma_mega_td3", help=preset_help)
+    b_flt.add_argument("--iterations", type=int, default=12)
+    b_flt.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="extra config overrides for every run")
+    b_flt.add_argument("--out", default=None, help="work directory (default: a temporary one)")
+    b_flt.add_argument("--timeout", type=float, default=300.0,
+                       help="seconds any one wait may take before the bench fails")
+    b_flt.add_argument("--json", default=None)
     bench.set_defaults(func=_cmd_bench)
     return parser
 

@@ -253,6 +253,10 @@ class ResourcesConfig(_Strict):
     pin_to_head: bool = Field(
         False, description="Place the coordinator and replay buffer on the head node."
     )
+    replay_resource: str | None = Field(
+        None, description="A custom resource the replay buffer asks for (1 of it), e.g. a "
+        "high-memory node type's; takes precedence over pin_to_head for the buffer."
+    )
     wait_for_resources_s: float = Field(
         600.0, ge=0, description="When joining a cluster whose resources cannot hold the "
         "graph yet, how long to wait for the autoscaler before failing."
@@ -293,6 +297,11 @@ class CheckpointConfig(_Strict):
     every: int = Field(10, gt=0, description="Iterations between checkpoints.")
     keep: int = Field(3, gt=0, description="Checkpoints kept.")
     save_replay: bool = Field(True, description="Store replay buffer contents.")
+    learner_snapshot_every: int = Field(
+        5, ge=0, description="On Ray: iterations between the copies of the critics the "
+        "coordinator keeps in memory to restore a learner restarted after its node died "
+        "(0: none; a restarted learner then starts from scratch)."
+    )
 
 
 class ExperimentConfig(_Strict):

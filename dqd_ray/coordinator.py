@@ -268,6 +268,8 @@ class Coordinator:
             timings["train_s"] += time.perf_counter() - t
 
         self.counters["iteration"] += 1
+        if self.learner is not None and hasattr(self.learner, "after_iteration"):
+            self.learner.after_iteration(self.counters["iteration"])  # restarts, snapshots
         if self.robustness_every and self.counters["iteration"] % self.robustness_every == 0:
             self._measure_robustness()
         metrics = {**self.metrics(), **metrics, **timings}
@@ -331,6 +333,8 @@ class Coordinator:
             "worst_fitness": None if archive.empty else float(archive.data("objective").min()),
             "restarts": int(sum(getattr(e, "restarts", 0) for e in self.scheduler.emitters)),
         }
+        if self.learner is not None:
+            out["learner_restarts"] = int(getattr(self.learner, "restarts", 0))
         if self.max_fitness is not None:
             out["norm_qd_score"] = float(stats.qd_score) / (
                 cells * (self.max_fitness - self.qd_offset))
@@ -368,6 +372,12 @@ class Coordinator:
             self.es.rng = out["es_rng"]
         self.counters = {k: int(out["counters"].get(k, 0)) for k in COUNTERS}
         self.robustness = dict(out["robustness"])
+
+    def snapshot_learners(self) -> None:
+        """Keeps the learners' current state (just loaded from a checkpoint) to
+        restore a learner that restarts later."""
+        if getattr(self.learner, "snapshot_every", 0):
+            self.learner.snapshot(self.counters["iteration"])
 
     def archive_arrays(self) -> dict[str, np.ndarray]:
         """The result archive as plain arrays (for npz checkpoints and plots)."""

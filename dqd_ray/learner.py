@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from typing import Callable
 
 import numpy as np
@@ -100,6 +101,12 @@ class Learner:
         self._stop = threading.Event()
         self._error: BaseException | None = None
         self.busy_s = 0.0
+        # Changes when Ray restarts the actor (its node died): the group then
+        # restores the critics from its snapshot.
+        self.incarnation = uuid.uuid4().hex
+
+    def incarnation_id(self) -> str:
+        return self.incarnation
 
     def set_sampler(self, sampler) -> None:
         self.sampler = sampler
@@ -253,8 +260,10 @@ class Learner:
     # -- state -----------------------------------------------------------------
 
     def state_dict(self) -> dict:
+        """The ensemble's state with every tensor on the CPU: it travels to the
+        driver and the coordinator, which may run on nodes without a GPU."""
         with self._lock:
-            state = self.ensemble.state_dict()
+            state = _to_cpu(self.ensemble.state_dict())
         state["sample_rng"] = self.rng.bit_generator.state
         return state
 
@@ -265,3 +274,13 @@ class Learner:
             self.ensemble.load_state_dict(state)
         if rng_state is not None:
             self.rng.bit_generator.state = rng_state
+
+
+def _to_cpu(x):
+    if isinstance(x, torch.Tensor):
+        return x.cpu()
+    if isinstance(x, dict):
+        return {k: _to_cpu(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to_cpu(v) for v in x)
+    return x

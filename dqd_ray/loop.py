@@ -53,7 +53,8 @@ CORE_METRICS = frozenset({
     "critic_updates_total", "iteration_evaluations", "iteration_env_steps", "iteration_s",
     "rollout_s", "gradient_s", "train_s", "wall_s", "env_steps_per_s", "evaluations_per_s",
     "critic_updates_per_s", "time_rollout_s", "time_gradient_s", "time_train_s",
-    "time_coordinator_s", "worker_idle_frac", "replay_size",
+    "time_coordinator_s", "worker_idle_frac", "replay_size", "worker_restarts",
+    "replay_restarts",
 })
 
 
@@ -66,7 +67,7 @@ def reported_metrics(cfg: ExperimentConfig) -> frozenset:
     if needs.dqd:
         extra |= {"grad_norm_fitness", "grad_norm_measures"}
     if needs.critic_objectives:
-        extra.add("td3_lr")
+        extra |= {"td3_lr", "learner_restarts"}
     if needs.greedy_insert:  # (PGA-ME's greedy row waits for trained critics)
         extra.add("greedy_fitness")
     return CORE_METRICS | extra
@@ -143,10 +144,11 @@ class GracefulStop:
             os.write(2, msg.encode())
 
 
-def make_system(cfg: ExperimentConfig, backend: Backend, torch_threads: int | None = None):
+def make_system(cfg: ExperimentConfig, backend: Backend, torch_threads: int | None = None,
+                run_dir: Path | None = None):
     from dqd_ray.system import build
 
-    return build(cfg, backend, torch_threads=torch_threads)
+    return build(cfg, backend, torch_threads=torch_threads, run_dir=run_dir)
 
 
 class Experiment:
@@ -271,7 +273,7 @@ class Experiment:
             state = ckpt.load_checkpoint(*self.resume_state)
         if self.backend == "ray":
             init_ray(self.address, self.num_cpus)
-        system = make_system(cfg, self.backend, self.torch_threads)
+        system = make_system(cfg, self.backend, self.torch_threads, self.run_dir)
         start_iter, self.wall_s = 0, 0.0
         if state is not None:
             path, manifest = self.resume_state
@@ -378,6 +380,8 @@ class Experiment:
             "time_train_s": m["train_s"], "time_coordinator_s": coord_s,
             "worker_idle_frac": max(0.0, 1.0 - busy / (workers * dt)) if dt > 0 else 0.0,
             "replay_size": now["replay_size"],
+            # Ray restarted these actors (their node died) during this process's run.
+            "worker_restarts": now["worker_restarts"], "replay_restarts": now["replay_restarts"],
             **({"td3_lr": now["td3_lr"]} if "td3_lr" in now else {}),
         }
 

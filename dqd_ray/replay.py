@@ -84,7 +84,9 @@ class ReplayBuffer:
             chunk: Arrays ``obs, action, reward, next_obs, terminated``.
             key: When given, the chunk is staged and only appended by
                 :meth:`commit`, in key order: producers that finish in any order
-                then still give the same buffer (reproducible sync mode).
+                then still give the same buffer (reproducible sync mode). A key
+                sent again replaces its chunk: an evaluation retried after its
+                worker died resends the same transitions, which are kept once.
 
         Raises:
             ValueError: On missing keys, wrong shapes or dtypes (nothing is added).
@@ -92,8 +94,6 @@ class ReplayBuffer:
         with self._lock:
             n = self._validate(chunk)
             if key is not None:
-                if key in self._staged:
-                    raise ValueError(f"a chunk with key {key} is already staged")
                 self._staged[tuple(key)] = {k: np.array(chunk[k], np.float32) for k in FIELDS}
                 return n
             return self._append(chunk, n)

@@ -11,6 +11,7 @@ flags it invalid; its transitions after the fault are not recorded.
 from __future__ import annotations
 
 import time
+import uuid
 from typing import Callable
 
 import numpy as np
@@ -78,6 +79,7 @@ class RolloutWorker:
                  time_limit_done: bool = False):
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
+        self.incarnation = uuid.uuid4().hex  # changes when Ray restarts the actor
         meta = env_metadata(env_id)
         self.env_id = env_id
         self.spec = policy_spec or PolicySpec(meta.obs_dim, meta.act_dim, hidden_sizes, activation)
@@ -99,7 +101,8 @@ class RolloutWorker:
         return self.evaluate(np.asarray(genomes)[idx], seeds, record=record, keys=keys)
 
     def stats(self) -> dict:
-        return {"env_steps": self.total_env_steps, "busy_s": self.busy_s}
+        return {"env_steps": self.total_env_steps, "busy_s": self.busy_s,
+                "incarnation": self.incarnation}
 
     def evaluate(self, genomes: np.ndarray, seeds: np.ndarray | list[int],
                  record: bool = True, keys=None) -> dict:

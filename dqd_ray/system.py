@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -178,6 +179,15 @@ PLACEMENTS = {"inprocess": InProcess, "ray": OnRay}
 # -- adapters over the replay actor ----------------------------------------------------
 
 
+def _resolve(actor):
+    """An actor handle from a handle or a per-run actor name."""
+    if isinstance(actor, str):
+        import ray
+
+        return ray.get_actor(actor)
+    return actor
+
+
 class ReplaySink:
     """Sends transition chunks to the replay actor with bounded backpressure.
 
@@ -193,10 +203,7 @@ class ReplaySink:
 
     @property
     def replay(self):
-        if isinstance(self._replay, str):
-            import ray
-
-            self._replay = ray.get_actor(self._replay)
+        self._replay = _resolve(self._replay)
         return self._replay
 
     def __call__(self, chunk: dict, key: tuple | None = None) -> None:
@@ -229,10 +236,16 @@ class _Future:
 
 
 class ReplayActorSampler:
-    """A learner's sampler over the replay actor."""
+    """A learner's sampler over the replay actor (its handle, or its name: the
+    restartable learners get the name, like :class:`ReplaySink`)."""
 
     def __init__(self, replay):
-        self.replay = replay
+        self._replay = replay
+
+    @property
+    def replay(self):
+        self._replay = _resolve(self._replay)
+        return self._replay
 
     def size(self) -> int:
         import ray
@@ -251,6 +264,56 @@ class ReplayActorSampler:
         import ray
 
         return ray.get(self.replay.sample_states.remote(n, seed))
+
+
+class ReplayActor(ReplayBuffer):
+    """The replay buffer of a run, restartable.
+
+    When Ray restarts it (its node died), it reloads the replay data of the
+    run's newest intact checkpoint (``checkpoints``: the run's checkpoints
+    directory, if this node can read it: one machine, or shared storage) and
+    the rollouts append to it from there. Otherwise it starts empty and the
+    rollouts refill it; learners pause training until it holds
+    ``td3.learning_starts`` transitions again, and keep their critics.
+    """
+
+    def __init__(self, *args, checkpoints: str | None = None, **kw):
+        super().__init__(*args, **kw)
+        self.incarnation = uuid.uuid4().hex
+        self.restored: dict | None = None
+        if checkpoints and _reconstructed():
+            self.restored = self._reload(Path(checkpoints))
+
+    def _reload(self, root: Path) -> dict:
+        from dqd_ray import checkpoint as ckpt
+
+        info = {"checkpoint": None, "size": 0}
+        try:
+            found = ckpt.latest_valid(root) if root.exists() else None
+            if found is not None and found[1].get("has_replay"):
+                self.load_state_dict(ckpt.load_replay(found[0]))
+                info = {"checkpoint": found[0].name, "size": self.size()}
+        except Exception as err:  # noqa: BLE001 - never fail the restart: refill instead
+            info["error"] = repr(err)
+        print(f"replay buffer restarted: reloaded {info['size']} transitions from "
+              f"{info['checkpoint'] or 'no checkpoint'} under {root}", flush=True)
+        return info
+
+    def stats(self) -> dict:
+        return {**super().stats(), "incarnation": self.incarnation,
+                "restored_size": None if self.restored is None else self.restored["size"]}
+
+
+def _reconstructed() -> bool:
+    """True inside a Ray actor that Ray restarted."""
+    import ray
+
+    if not ray.is_initialized():
+        return False
+    try:
+        return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+    except Exception:  # noqa: BLE001 - not inside an actor
+        return False
 
 
 # -- the evaluator and the learner group, over any placement ---------------------------
@@ -315,16 +378,86 @@ class PooledEvaluator:
 
 
 class LearnerGroup:
-    """The learners as one gradient source: rows reassembled in objective order."""
+    """The learners as one gradient source: rows reassembled in objective order.
 
-    def __init__(self, placement, learners: list, objectives: list[list[int]]):
+    On Ray, learners are restartable actors. The coordinator's group checks
+    each learner's incarnation around every request; a learner that Ray
+    restarted (its node died) gets the critics of the group's latest snapshot
+    (taken every ``snapshot_every`` iterations and after a checkpoint is
+    loaded), restarts background training in async mode, and the request is
+    repeated, so no gradient ever comes from untrained critics.
+
+    Args:
+        placement: The placement the learners live on.
+        learners: Learner handles (or objects, in process).
+        objectives: Objectives of each learner.
+        async_train: Learners train in the background (restarted after a restore).
+        snapshot_every: Iterations between snapshots (0: none).
+    """
+
+    def __init__(self, placement, learners: list, objectives: list[list[int]], *,
+                 async_train: bool = False, snapshot_every: int = 0):
         self.placement, self.learners = placement, list(learners)
         self.objectives = [list(o) for o in objectives]
         self.rows = [o for objs in self.objectives for o in objs]
+        self.async_train, self.snapshot_every = async_train, snapshot_every
+        self._known: list[str] | None = None
+        self._snapshot: list | None = None
+        self.snapshot_iteration: int | None = None
+        self.restarts = 0
 
     def _all(self, method: str, *args, group: str | None = "grad") -> list:
         p = self.placement
         return p.get([p.call(lr, method, *args, group=group) for lr in self.learners])
+
+    # -- restarts ------------------------------------------------------------
+
+    def check(self) -> bool:
+        """Restores every learner restarted since the last check; True if any was."""
+        ids = self._all("incarnation_id")
+        if self._known is None:
+            self._known = ids
+            return False
+        restarted = [i for i, (a, b) in enumerate(zip(self._known, ids)) if a != b]
+        p = self.placement
+        for i in restarted:
+            lr = self.learners[i]
+            if self._snapshot is not None:
+                p.get(p.call(lr, "load_state_dict", self._snapshot[i], group="grad"))
+                what = (f"restored the critics of iteration {self.snapshot_iteration} "
+                        f"({int(self._snapshot[i].get('updates', 0))} updates)")
+            else:
+                what = "no snapshot yet: it starts from scratch"
+            if self.async_train:
+                p.get(p.call(lr, "start_async", group="train"))
+            self.restarts += 1
+            _warn(f"learner {i} was restarted (its node died?); {what}")
+        self._known = ids
+        return bool(restarted)
+
+    def _guarded(self, fn):
+        for _ in range(3):
+            self.check()
+            out = fn()
+            if not self.check():
+                return out
+        raise RuntimeError("learners restarted during three attempts of one gradient "
+                           "request; is a learner node failing repeatedly?")
+
+    def snapshot(self, iteration: int) -> None:
+        """Keeps a copy of every learner's state, to restore a restarted learner."""
+        self.check()
+        self._snapshot = self._all("state_dict")
+        self.snapshot_iteration = iteration
+
+    def after_iteration(self, iteration: int) -> None:
+        """Called by the coordinator at the end of each iteration."""
+        if self.snapshot_every and (iteration == 1 or iteration % self.snapshot_every == 0):
+            self.snapshot(iteration)
+        else:
+            self.check()
+
+    # -- the gradient source -------------------------------------------------------
 
     def _fitness_learner(self):
         for lr, objs in zip(self.learners, self.objectives):
@@ -333,11 +466,12 @@ class LearnerGroup:
         raise RuntimeError("no learner owns the fitness agent")
 
     def train(self, num_updates: int) -> dict:
-        return _merge_losses(self._all("train", num_updates, group=None), self.objectives)
+        return self._guarded(lambda: _merge_losses(self._all("train", num_updates, group=None),
+                                                   self.objectives))
 
     def stage_training(self, num_updates: int) -> StagedTraining:
         p = self.placement
-        self._all("stage", num_updates)
+        self._guarded(lambda: self._all("stage", num_updates))
         started: list = []
 
         def start() -> None:
@@ -346,22 +480,28 @@ class LearnerGroup:
         def wait() -> dict:
             if not started:
                 start()
-            return _merge_losses(p.get(started), self.objectives)
+            out = _merge_losses(p.get(started), self.objectives)
+            if self.check():  # a restarted learner lost its staged batches
+                out["updates"] = 0
+            return out
 
         return StagedTraining(wait, start)
 
     def jacobian(self, genomes: np.ndarray) -> np.ndarray:
         ref = self.placement.put(np.asarray(genomes, np.float32))
-        return np.concatenate(self._all("jacobian", ref), axis=1)  # rows in self.rows order
+        # rows in self.rows order
+        return self._guarded(lambda: np.concatenate(self._all("jacobian", ref), axis=1))
 
     def greedy_genome(self) -> np.ndarray:
         p = self.placement
-        return p.get(p.call(self._fitness_learner(), "greedy_genome", group="grad"))
+        return self._guarded(lambda: p.get(p.call(self._fitness_learner(), "greedy_genome",
+                                                  group="grad")))
 
     def pg_variation(self, genomes, steps: int, lr: float, num_states: int) -> np.ndarray:
         p = self.placement
-        return p.get(p.call(self._fitness_learner(), "pg_variation", genomes, steps, lr,
-                            num_states, group="grad"))
+        return self._guarded(lambda: p.get(p.call(self._fitness_learner(), "pg_variation",
+                                                  genomes, steps, lr, num_states,
+                                                  group="grad")))
 
     def stats(self) -> dict:
         outs = self._all("stats")
@@ -475,6 +615,8 @@ def graph_needs(cfg: ExperimentConfig, n_workers: int, gpus: float) -> dict[str,
         need[r.rollout_resource] = need.get(r.rollout_resource, 0.0) + n_workers * r.cpus_per_worker
     if r.learner_resource and n_learners:
         need[r.learner_resource] = need.get(r.learner_resource, 0.0) + n_learners
+    if r.replay_resource:
+        need[r.replay_resource] = need.get(r.replay_resource, 0.0) + 1
     return need
 
 
@@ -487,7 +629,8 @@ def _describe(missing: dict, where: str, n: int, cfg: ExperimentConfig) -> str:
     return (f"the graph ({n} rollout workers x {cfg.resources.cpus_per_worker:g} CPU, "
             f"learners, coordinator, replay) needs {parts} but {where} does not have them: "
             "lower resources.num_rollout_workers (or cpus_per_worker, num_learners, "
-            "num_gpus_per_learner), drop resources.rollout_resource/learner_resource on a "
+            "num_gpus_per_learner), drop resources.rollout_resource/learner_resource/"
+            "replay_resource on a "
             "machine that does not offer them, or add nodes")
 
 
@@ -573,10 +716,12 @@ class System:
         cfg: The validated config.
         placement: ``"inprocess"`` or ``"ray"`` (Ray must be initialized).
         torch_threads: Torch intra-op threads per learner (default: config).
+        run_dir: The run directory, if any: a restarted replay actor reloads
+            the replay data of its newest checkpoint.
     """
 
     def __init__(self, cfg: ExperimentConfig, placement: str = "ray",
-                 torch_threads: int | None = None):
+                 torch_threads: int | None = None, run_dir=None):
         if placement not in PLACEMENTS:
             raise ValueError(f"placement must be one of {sorted(PLACEMENTS)}, got {placement!r}")
         self.cfg = cfg
@@ -604,11 +749,18 @@ class System:
         if r.pin_to_head:
             central_opts["resources"] = {"node:__internal_head__": 0.001}
         replay_opts = dict(central_opts)
-        if placement == "ray":  # workers find it by name (see ReplaySink)
-            replay_opts["name"] = f"dqd-ray-replay-{uuid.uuid4().hex[:12]}"
-        self.replay = p.make(ReplayBuffer, replay_opts, meta.obs_dim, meta.act_dim,
+        if r.replay_resource:
+            replay_opts["resources"] = {r.replay_resource: 1}
+        replay_kw = {}
+        if placement == "ray":
+            # Restartable; workers and learners find it by name (see ReplaySink).
+            replay_opts.update(name=f"dqd-ray-replay-{uuid.uuid4().hex[:12]}",
+                               max_restarts=-1, max_task_retries=-1)
+            if run_dir is not None:
+                replay_kw["checkpoints"] = str(Path(run_dir).resolve() / "checkpoints")
+        self.replay = p.make(ReplayActor, replay_opts, meta.obs_dim, meta.act_dim,
                              1 + meta.measure_dim, cfg.td3.replay_capacity,
-                             seed=Seeds.to_int(seeds.replay))
+                             seed=Seeds.to_int(seeds.replay), **replay_kw)
         if placement == "ray":
             p.named(self.replay, replay_opts["name"])
         self.workers = [
@@ -625,6 +777,8 @@ class System:
             device = "auto" if gpus > 0 else "cpu"
         learner_opts = {"num_cpus": 0 if gpus > 0 else r.cpus_per_learner, "num_gpus": gpus,
                         "concurrency_groups": {"train": 1, "grad": 1}}
+        if placement == "ray":  # restored by the coordinator's LearnerGroup
+            learner_opts.update(max_restarts=-1, max_task_retries=-1)
         if r.learner_resource:
             learner_opts["resources"] = {r.learner_resource: 1}
         self.learners = [
@@ -634,7 +788,10 @@ class System:
             for objs in self.splits
         ]
         self.learner_device = "cuda" if gpus > 0 else "cpu"
-        self.group = LearnerGroup(p, self.learners, self.splits) if self.learners else None
+        self.group = LearnerGroup(
+            p, self.learners, self.splits, async_train=not self.sync,
+            snapshot_every=cfg.checkpoint.learner_snapshot_every if placement == "ray" else 0,
+        ) if self.learners else None
         chunk = max(1, min(r.envs_per_worker, 8))
         self.evaluator = evaluator = PooledEvaluator(p, self.workers, self.replay, chunk=chunk,
                                                      keyed=self.sync)
@@ -651,6 +808,9 @@ class System:
             robustness_every=cfg.metrics.robustness_every,
             robustness_episodes=cfg.metrics.robustness_episodes,
         )
+
+        self.replay_restarts, self._replay_incarnation = 0, None
+        self.worker_restarts, self._worker_incarnations = 0, None
 
     @property
     def num_rollout_workers(self) -> int:
@@ -691,17 +851,31 @@ class System:
         if state.get("replay") is not None:
             futures.append(p.call(self.replay, "load_state_dict", state["replay"]))
         p.get(futures)
+        if self.learners:  # what a learner restarted from now on gets back
+            self._get(self.coordinator, "snapshot_learners")
 
     def archive(self) -> dict:
         return self._get(self.coordinator, "archive_arrays")
 
     def system_stats(self) -> dict:
         workers = self.p.get([self.p.call(w, "stats") for w in self.workers])
+        ids = [w["incarnation"] for w in workers]
+        if self._worker_incarnations is not None:
+            self.worker_restarts += sum(a != b for a, b in zip(self._worker_incarnations, ids))
+        self._worker_incarnations = ids
+        replay = self._get(self.replay, "stats")
+        if self._replay_incarnation not in (None, replay["incarnation"]):
+            self.replay_restarts += 1
+            _warn(f"the replay buffer was restarted (its node died?); it reloaded "
+                  f"{replay['restored_size'] or 0} transitions from the last checkpoint")
+        self._replay_incarnation = replay["incarnation"]
         learners = self.group.stats() if self.group else {}
         out = {"worker_busy_s": float(sum(w["busy_s"] for w in workers)),
                "num_rollout_workers": len(self.workers),
-               "replay_size": int(self._get(self.replay, "size")),
+               "replay_size": int(replay["size"]),
                "critic_updates": learners.get("updates", 0)}
+        out["replay_restarts"] = self.replay_restarts
+        out["worker_restarts"] = self.worker_restarts
         if learners:
             out["td3_lr"] = learners["lr"]  # the rate in effect (a PBT restore changes it)
         return out
@@ -731,9 +905,9 @@ class System:
 
 
 def build(cfg: ExperimentConfig, placement: str = "ray",
-          torch_threads: int | None = None) -> System:
+          torch_threads: int | None = None, run_dir=None) -> System:
     """Builds every role of a run on ``placement`` (``"inprocess"`` or ``"ray"``)."""
-    return System(cfg, placement, torch_threads=torch_threads)
+    return System(cfg, placement, torch_threads=torch_threads, run_dir=run_dir)
 
 
 __all__ = ["Evaluator", "GPUUnavailableError", "GradientSource", "InProcess",

@@ -463,15 +463,18 @@ def _apply_sets(raw: dict, sets: list[str]) -> dict:
 
 
 def trial_bundles(cfg: ExperimentConfig, driver_cpus: float = 1.0) -> list[dict[str, float]]:
-    """One trial's placement-group bundles: its driver, then one per rollout
-    worker, then one per learner (GPUs in the learner bundles). Each actor of
-    the trial asks for exactly one bundle's resources."""
+    """One trial's placement-group bundles: its driver (and the replay buffer's
+    custom resource, if any), then one per rollout worker, then one per
+    learner (GPUs in the learner bundles). Each actor of the trial asks for
+    exactly one bundle's resources."""
     from dqd_ray.system import learner_objectives, split_objectives
 
     r = cfg.resources
     objs = learner_objectives(cfg)
     n_learners = len(split_objectives(objs, r.num_learners)) if objs else 0
     head = {"CPU": float(driver_cpus)} if driver_cpus else {}
+    if r.replay_resource:  # the replay buffer lives in the trial's own bundle
+        head[r.replay_resource] = 1.0
     worker = {"CPU": float(r.cpus_per_worker)}
     if r.rollout_resource:
         worker[r.rollout_resource] = float(r.cpus_per_worker)
