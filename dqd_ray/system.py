@@ -95,7 +95,7 @@ class InProcess:
     def call(self, handle, method: str, *args, group: str | None = None, **kw):
         return _Done(getattr(handle, method)(*args, **kw))
 
-    def get(self, futures):
+    def get(self, futures, timeout: float | None = None):
         if isinstance(futures, list):
             return [f.value for f in futures]
         return futures.value
@@ -137,10 +137,14 @@ class OnRay:
             m = m.options(concurrency_group=group)
         return m.remote(*args, **kw)
 
-    def get(self, futures):
+    def get(self, futures, timeout: float | None = None):
+        """Results; a TimeoutError names the wait when ``timeout`` passes first."""
         import ray
 
-        return ray.get(futures)
+        try:
+            return ray.get(futures, timeout=timeout)
+        except ray.exceptions.GetTimeoutError as err:
+            raise TimeoutError(f"no answer within {timeout:g} s") from err
 
     def wait_any(self, futures: list) -> tuple[Any, list]:
         import ray
@@ -393,14 +397,17 @@ class LearnerGroup:
         objectives: Objectives of each learner.
         async_train: Learners train in the background (restarted after a restore).
         snapshot_every: Iterations between snapshots (0: none).
+        restart_timeout_s: How long a check waits for a restarting learner.
     """
 
     def __init__(self, placement, learners: list, objectives: list[list[int]], *,
-                 async_train: bool = False, snapshot_every: int = 0):
+                 async_train: bool = False, snapshot_every: int = 0,
+                 restart_timeout_s: float | None = None):
         self.placement, self.learners = placement, list(learners)
         self.objectives = [list(o) for o in objectives]
         self.rows = [o for objs in self.objectives for o in objs]
         self.async_train, self.snapshot_every = async_train, snapshot_every
+        self.restart_timeout_s = restart_timeout_s
         self._known: list[str] | None = None
         self._snapshot: list | None = None
         self.snapshot_iteration: int | None = None
@@ -413,13 +420,26 @@ class LearnerGroup:
     # -- restarts ------------------------------------------------------------
 
     def check(self) -> bool:
-        """Restores every learner restarted since the last check; True if any was."""
-        ids = self._all("incarnation_id")
+        """Restores every learner restarted since the last check; True if any was.
+
+        Raises:
+            RuntimeError: A learner did not answer within ``restart_timeout_s``
+                (restarting, with no node able to host it).
+        """
+        p = self.placement
+        try:
+            ids = p.get([p.call(lr, "incarnation_id", group="grad") for lr in self.learners],
+                        timeout=self.restart_timeout_s)
+        except TimeoutError:
+            raise RuntimeError(
+                f"a learner did not answer within {self.restart_timeout_s:g} s: it is "
+                "restarting and no node can host it (resources.learner_resource, GPUs?); "
+                "the run's checkpoints are intact: add nodes and `dqd-ray resume` it, or "
+                "raise resources.wait_for_resources_s") from None
         if self._known is None:
             self._known = ids
             return False
         restarted = [i for i, (a, b) in enumerate(zip(self._known, ids)) if a != b]
-        p = self.placement
         for i in restarted:
             lr = self.learners[i]
             if self._snapshot is not None:
@@ -791,6 +811,7 @@ class System:
         self.group = LearnerGroup(
             p, self.learners, self.splits, async_train=not self.sync,
             snapshot_every=cfg.checkpoint.learner_snapshot_every if placement == "ray" else 0,
+            restart_timeout_s=max(60.0, r.wait_for_resources_s),
         ) if self.learners else None
         chunk = max(1, min(r.envs_per_worker, 8))
         self.evaluator = evaluator = PooledEvaluator(p, self.workers, self.replay, chunk=chunk,

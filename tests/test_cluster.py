@@ -123,7 +123,7 @@ def test_pinned_to_the_head_the_graph_runs(ray_session):
                     and "node:__internal_head__" in n["Resources"])
         placed = {i["ActorClassName"]: i["Address"]["NodeID"]
                   for i in ray_state.actors().values() if i["State"] == "ALIVE"}
-        assert placed["Coordinator"] == placed["ReplayBuffer"] == head
+        assert placed["Coordinator"] == placed["ReplayActor"] == head
     finally:
         system.close()
 

@@ -15,7 +15,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-ITERATIONS = 10
+ITERATIONS = 8
 
 
 @pytest.fixture(scope="module")
