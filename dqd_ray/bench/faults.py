@@ -231,7 +231,8 @@ def _scenario_nodes(cluster, work: Path, preset: str, iterations: int, extra: li
         "learner_restore_line": restore_line,
         "critic_loss_first_iteration": first.get("critic_loss"),
         "critic_loss_before_learner_loss": before_l.get("critic_loss"),
-        "critic_loss_after_restore": after_l[0].get("critic_loss") if after_l else None,
+        "critic_loss_after_restore": next((x["critic_loss"] for x in after_l
+                                           if x.get("critic_loss") is not None), None),
         "replay_restarts": m[-1].get("replay_restarts"),
         "replay_size_before_replay_loss": before_r.get("replay_size"),
         "replay_size_after_reload": after_r[0].get("replay_size") if after_r else None,
