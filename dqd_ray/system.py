@@ -161,7 +161,7 @@ class OnRay:
         return ReplaySink(self._names.get(id(replay), replay))
 
     def sampler(self, replay):
-        return ReplayActorSampler(replay)
+        return ReplayActorSampler(self._names.get(id(replay), replay))
 
     def named(self, handle, name: str):
         """Remembers that ``handle`` was created under ``name`` (see :meth:`sink`)."""
@@ -314,8 +314,12 @@ def _reconstructed() -> bool:
 
     if not ray.is_initialized():
         return False
+    import warnings
+
     try:
-        return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+        with warnings.catch_warnings():  # Ray 2.60 reads it through a deprecated helper
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return bool(ray.get_runtime_context().was_current_actor_reconstructed)
     except Exception:  # noqa: BLE001 - not inside an actor
         return False
 

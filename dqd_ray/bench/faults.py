@@ -210,8 +210,13 @@ def _scenario_nodes(cluster, work: Path, preset: str, iterations: int, extra: li
     before_r = next(x for x in reversed(m) if x["iteration"] <= replay_it)
     after_r = [x for x in m if x["iteration"] > replay_it and x.get("replay_restarts")]
     first = m[0]
+    text = "\n".join(_lines(log))
     out = {
         "events": events,
+        # Ray's warning that a restartable actor's constructor arguments sit in
+        # the object store (ray-project/ray#53727), and deprecation warnings.
+        "restart_argument_warnings": text.count("has constructor arguments in the object store"),
+        "deprecation_warnings": text.count("DeprecationWarning"),
         "worker_restarts": m[-1].get("worker_restarts"),
         "iterations": its,
         "iterations_unique": its == list(range(1, iterations + 1)),
