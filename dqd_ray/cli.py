@@ -94,6 +94,21 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                    envs_per_worker=args.envs_per_worker, iterations=args.iterations,
                    json_path=args.json)
         return 0
+    if args.bench == "learner":
+        from dqd_ray.bench import learner
+
+        learner.run(device=args.device, env_id=args.env, batch_size=args.batch_size,
+                    updates=args.updates, repeats=args.repeats,
+                    genomes=tuple(args.genomes), states=tuple(args.states),
+                    threads=args.threads, compare_previous=not args.no_previous,
+                    json_path=args.json)
+        return 0
+    if args.bench == "rollout":
+        from dqd_ray.bench import rollout
+
+        rollout.run(env_ids=tuple(args.env) if args.env else rollout.ENV_IDS,
+                    genomes=args.genomes, repeats=args.repeats, json_path=args.json)
+        return 0
     if args.bench == "faults":
         from dqd_ray.bench import faults
 
@@ -186,6 +201,28 @@ def build_parser() -> argparse.ArgumentParser:
     b_sys.add_argument("--envs-per-worker", type=int, default=4)
     b_sys.add_argument("--iterations", type=int, default=5)
     b_sys.add_argument("--json", default=None)
+    b_lrn = bsub.add_parser(
+        "learner", help="TD3 ensemble vs separate agents, and jacobian times")
+    b_lrn.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    b_lrn.add_argument("--env", default="QDAntBulletEnv-v0")
+    b_lrn.add_argument("--batch-size", type=int, default=256)
+    b_lrn.add_argument("--updates", type=int, default=100, help="updates per timing")
+    b_lrn.add_argument("--repeats", type=int, default=3)
+    b_lrn.add_argument("--genomes", type=int, nargs="+", default=[1, 8])
+    b_lrn.add_argument("--states", type=int, nargs="+", default=[256, 4096, 65536])
+    b_lrn.add_argument("--threads", type=int, default=1,
+                       help="torch intra-op threads (0: torch's default)")
+    b_lrn.add_argument("--no-previous", action="store_true",
+                       help="skip the previous jacobian method (the slow comparison)")
+    b_lrn.add_argument("--json", default=None)
+    b_rol = bsub.add_parser(
+        "rollout", help="the rollout path (env, policy, recording, resets) vs a bare "
+        "pybullet loop, with the per-step time split")
+    b_rol.add_argument("--env", action="append", default=[],
+                       help="an env id (repeatable; default: all four)")
+    b_rol.add_argument("--genomes", type=int, default=8, help="random policies (episodes) per env")
+    b_rol.add_argument("--repeats", type=int, default=3)
+    b_rol.add_argument("--json", default=None)
     b_flt = bsub.add_parser(
         "faults", help="node loss, driver SIGKILL and checkpoint crashes on a local "
         "multi-node Ray cluster; reports what survived")

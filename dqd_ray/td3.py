@@ -203,12 +203,21 @@ class TD3Ensemble:
 
     # -- gradients ---------------------------------------------------------
 
-    def jacobian(self, genomes: np.ndarray, states: np.ndarray) -> np.ndarray:
+    def jacobian(self, genomes: np.ndarray, states: np.ndarray,
+                 chunk_rows: int = 16384) -> np.ndarray:
         """Gradients of mean_s Q_j(s, pi_theta(s)) w.r.t. each genome theta.
+
+        By the chain rule the gradient is mean_s dQ_j/da(s, pi(s)) . dpi/dtheta:
+        one backward pass through all critics (to their action inputs only:
+        each agent's Q depends on its own copy of the action, so one pass gives
+        every dQ_j/da), then one vector-jacobian product per objective through
+        the small policy network (batched). States are processed in chunks of
+        ``chunk_rows`` genome-state pairs to bound memory.
 
         Args:
             genomes: ``(G, D)`` policy genomes.
             states: ``(S, obs)`` states (e.g. sampled from the replay buffer).
+            chunk_rows: Genome-state pairs per chunk.
 
         Returns:
             ``(G, E, D)`` float64, row j the uphill gradient of agent j's Q1.
@@ -216,17 +225,23 @@ class TD3Ensemble:
         genomes = self.spec.check(genomes)
         g_count, e = genomes.shape[0], self.num_agents
         theta = self._to(genomes).requires_grad_(True)
-        s = self._to(states)
-        act = self.spec.forward_torch(theta, s)  # (G, S, A)
-        n_s = s.shape[0]
-        obs_e = s.unsqueeze(0).unsqueeze(0).expand(e, g_count, n_s, s.shape[-1])
-        act_e = act.unsqueeze(0).expand(e, g_count, n_s, act.shape[-1])
-        x = torch.cat([obs_e, act_e], dim=-1).reshape(e, g_count * n_s, -1)
-        q1 = self.critic(x, select=slice(0, 2 * e, 2)).reshape(e, g_count, n_s)
-        per_obj = q1.mean(dim=2).sum(dim=1)  # (E,): genomes are independent
-        eye = torch.eye(e, device=self.device)
-        (grads,) = torch.autograd.grad(per_obj, theta, grad_outputs=eye, is_grads_batched=True)
-        return grads.permute(1, 0, 2).detach().cpu().double().numpy()
+        s_all = self._to(states)
+        n_total = s_all.shape[0]
+        step = max(1, chunk_rows // g_count)
+        total = torch.zeros(e, g_count, genomes.shape[1], device=self.device)
+        for lo in range(0, n_total, step):
+            s = s_all[lo:lo + step]
+            n_s = s.shape[0]
+            act = self.spec.forward_torch(theta, s)  # (G, S, A), graph to theta
+            a = act.detach().unsqueeze(0).expand(e, -1, -1, -1).contiguous().requires_grad_(True)
+            obs_e = s.unsqueeze(0).unsqueeze(0).expand(e, g_count, n_s, s.shape[-1])
+            x = torch.cat([obs_e, a], dim=-1).reshape(e, g_count * n_s, -1)
+            q1 = self.critic(x, select=slice(0, 2 * e, 2))
+            (dq_da,) = torch.autograd.grad(q1.sum(), a)  # (E, G, S, A)
+            (grads,) = torch.autograd.grad(act, theta, grad_outputs=dq_da / n_total,
+                                           is_grads_batched=True)  # (E, G, D)
+            total += grads
+        return total.permute(1, 0, 2).detach().cpu().double().numpy()
 
     def pg_variation(self, genomes: np.ndarray, states: np.ndarray, lr: float,
                      agent: int = 0) -> np.ndarray:

@@ -1,0 +1,196 @@
+"""``dqd-ray bench rollout``: the whole rollout path against a bare pybullet loop.
+
+For each environment, in one run and alternating, median of the repeats:
+
+- **worker**: a :class:`RolloutWorker` (one env) evaluates random policies
+  (Xavier genomes, one episode each, up to 1000 steps) and records every
+  transition into a sink that drops the chunks: env step, reward, measures,
+  observation, policy forward, transition recording and resets;
+- **bare**: the same episodes replayed on the same MJCF robot doing only what
+  an observation needs: set torques, one ``stepSimulation`` (4 substeps),
+  joint states, the torso's state with velocity, the feet contacts; on reset
+  ``restoreState`` plus the same joint noise. The actions are the ones the
+  worker's policies took (captured in a first pass), so both loops simulate
+  exactly the same trajectories.
+
+``ratio`` is bare time / worker time (1.0: the rollout path costs nothing on
+top of the simulator). The per-step split times each part alone on the same
+data: physics (``stepSimulation`` inside the bare loop), the bare loop's
+reads, the environment layer's own Python (env replay minus bare loop),
+policy forward, transition recording, and what is left for the worker's loop;
+and the cost of one reset in the environment and in the bare loop.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+import pybullet
+from gymnasium.utils import seeding
+
+from dqd_ray.bench.common import machine_info, print_table, write_json
+from dqd_ray.envs import ENV_IDS, QDLocomotionEnv, load_robot
+from dqd_ray.envs.robots import ROBOTS
+from dqd_ray.policy import PolicySpec
+from dqd_ray.rollout import RolloutWorker, _ChunkBuilder
+
+GOAL = 0.8
+
+
+def _capture(worker: RolloutWorker, genomes: np.ndarray, seeds: np.ndarray):
+    """Per genome: (actions, obs) of its episode, from a keyed recording pass."""
+    parts: dict[tuple, dict] = {}
+    worker.set_sink(lambda chunk, key=None: parts.__setitem__(key, chunk))
+    res = worker.evaluate(genomes, seeds, keys=list(range(len(genomes))))
+    worker.set_sink(None)
+    episodes = []
+    for gi in range(len(genomes)):
+        keys = sorted(k for k in parts if k[0] == gi)
+        acts = np.concatenate([parts[k]["action"] for k in keys])
+        obs = np.concatenate([parts[k]["obs"] for k in keys])
+        episodes.append((acts, obs))
+    return res, episodes
+
+
+def _bare(env_id: str, episodes, seeds) -> dict[str, float]:
+    spec = ROBOTS[env_id]
+    r = load_robot(spec)
+    kw = {"physicsClientId": r.client}
+    body, joints, floor, torso = r.body, r.joint_ids, r.floor, r.torso_link
+    scale = r.torque_scale
+    physics = reset_s = 0.0
+    start = time.perf_counter()
+    for (actions, _), seed in zip(episodes, seeds):
+        t0 = time.perf_counter()
+        rng, _ = seeding.np_random(int(seed))
+        pybullet.restoreState(r.state_id, **kw)
+        for j in joints:
+            pybullet.resetJointState(body, int(j), float(rng.uniform(-0.1, 0.1)), 0.0, **kw)
+            pybullet.setJointMotorControl2(body, int(j), pybullet.VELOCITY_CONTROL, force=0, **kw)
+        pybullet.getJointStates(body, joints, **kw)
+        reset_s += time.perf_counter() - t0
+        for a in actions:
+            pybullet.setJointMotorControlArray(body, joints, pybullet.TORQUE_CONTROL,
+                                               forces=scale * a, **kw)
+            t1 = time.perf_counter()
+            pybullet.stepSimulation(**kw)
+            physics += time.perf_counter() - t1
+            pybullet.getJointStates(body, joints, **kw)
+            if torso < 0:
+                pybullet.getBasePositionAndOrientation(body, **kw)
+                pybullet.getBaseVelocity(body, **kw)
+            else:
+                pybullet.getLinkState(body, torso, computeLinkVelocity=1, **kw)
+            pybullet.getContactPoints(body, floor, **kw)
+    total = time.perf_counter() - start
+    pybullet.disconnect(**kw)
+    return {"total": total, "physics": physics, "reset": reset_s}
+
+
+def _env_replay(env_id: str, episodes, seeds) -> dict[str, float]:
+    env = QDLocomotionEnv(env_id)
+    env.reset(seed=0)
+    reset_s = 0.0
+    start = time.perf_counter()
+    for (actions, _), seed in zip(episodes, seeds):
+        t0 = time.perf_counter()
+        env.reset(seed=int(seed))
+        reset_s += time.perf_counter() - t0
+        for a in actions:
+            env.step(a)
+    total = time.perf_counter() - start
+    env.close()
+    return {"total": total, "reset": reset_s}
+
+
+def _policy(spec: PolicySpec, genomes, episodes) -> float:
+    start = time.perf_counter()
+    for g, (_, obs) in zip(genomes, episodes):
+        g1 = g[None]
+        for o in obs:
+            spec.forward_many_np(g1, o[None])
+    return time.perf_counter() - start
+
+
+def _recording(spec: PolicySpec, measure_dim: int, episodes) -> float:
+    b = _ChunkBuilder(spec.obs_dim, spec.act_dim, 1 + measure_dim, 1000, lambda c: None)
+    rew = np.zeros(1 + measure_dim)
+    start = time.perf_counter()
+    for actions, obs in episodes:
+        for a, o in zip(actions, obs):
+            b.add(o, a, rew, o, 0.0)
+    b.flush()
+    return time.perf_counter() - start
+
+
+def bench_env(env_id: str, genomes: int = 8, repeats: int = 3, seed: int = 0,
+              episode_length: int = 1000) -> dict[str, Any]:
+    meta = ROBOTS[env_id]
+    spec = PolicySpec(meta.obs_dim, meta.act_dim)
+    rng = np.random.default_rng(seed)
+    gs = np.stack([spec.init_genome(rng) for _ in range(genomes)])
+    seeds = np.arange(genomes) + 1000 * seed
+    worker = RolloutWorker(env_id, spec, num_envs=1, episode_length=episode_length)
+    res, episodes = _capture(worker, gs, seeds)
+    steps = int(res["env_steps"])
+    drop = lambda chunk, key=None: None  # noqa: E731
+    worker.set_sink(drop)
+    t = {"worker": [], "bare": [], "physics": [], "bare_reset": [], "env": [],
+         "env_reset": [], "policy": [], "recording": []}
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        again = worker.evaluate(gs, seeds)
+        t["worker"].append(time.perf_counter() - t0)
+        if not np.array_equal(again["length"], res["length"]):
+            raise RuntimeError(f"{env_id}: episodes changed between passes")
+        b = _bare(env_id, episodes, seeds)
+        t["bare"].append(b["total"])
+        t["physics"].append(b["physics"])
+        t["bare_reset"].append(b["reset"])
+        e = _env_replay(env_id, episodes, seeds)
+        t["env"].append(e["total"])
+        t["env_reset"].append(e["reset"])
+        t["policy"].append(_policy(spec, gs, episodes))
+        t["recording"].append(_recording(spec, meta.measure_dim, episodes))
+    worker.close()
+    m = {k: statistics.median(v) for k, v in t.items()}
+    us = 1e6 / steps
+    row = {
+        "env": env_id, "episodes": genomes, "steps": steps,
+        "worker_steps_per_s": steps / m["worker"], "bare_steps_per_s": steps / m["bare"],
+        "ratio": m["bare"] / m["worker"],
+        "physics_us": m["physics"] * us,
+        "bare_reads_us": (m["bare"] - m["physics"] - m["bare_reset"]) * us,
+        "env_python_us": (m["env"] - m["env_reset"] - (m["bare"] - m["bare_reset"])) * us,
+        "policy_us": m["policy"] * us, "recording_us": m["recording"] * us,
+        "worker_loop_us": (m["worker"] - m["env"] - m["policy"] - m["recording"]) * us,
+        "env_reset_ms": m["env_reset"] / genomes * 1e3,
+        "bare_reset_ms": m["bare_reset"] / genomes * 1e3,
+        "repeats": repeats, "raw_s": t,
+    }
+    return row
+
+
+def run(env_ids: tuple[str, ...] = ENV_IDS, genomes: int = 8, repeats: int = 3, seed: int = 0,
+        json_path: str | None = None) -> dict[str, Any]:
+    rows = []
+    for env_id in env_ids:
+        row = bench_env(env_id, genomes=genomes, repeats=repeats, seed=seed)
+        rows.append(row)
+        print(f"  {env_id}: ratio {row['ratio']:.3f} ({row['steps']} steps)", flush=True)
+    print(f"Rollout path vs bare pybullet loop (median of {repeats}; ratio = bare time / "
+          f"worker time; per-step times in microseconds, resets in ms):")
+    print_table(rows, ["env", "steps", "worker_steps_per_s", "bare_steps_per_s", "ratio"])
+    print_table(rows, ["env", "physics_us", "bare_reads_us", "env_python_us", "policy_us",
+                       "recording_us", "worker_loop_us", "env_reset_ms", "bare_reset_ms"])
+    met = {r["env"]: r["ratio"] >= GOAL for r in rows}
+    print(f"goal (ratio >= {GOAL} on every env): "
+          + ("met" if all(met.values()) else "NOT met: " + ", ".join(k for k, v in met.items()
+                                                                    if not v)))
+    payload = {"benchmark": "rollout", "machine": machine_info(), "goal_ratio": GOAL,
+               "results": rows, "goal_met": all(met.values())}
+    write_json(json_path, payload)
+    return payload
