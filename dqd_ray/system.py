@@ -595,6 +595,21 @@ class ResourceError(RuntimeError):
     """The graph cannot be placed on the resources it was given."""
 
 
+# Settings that place or size Ray actors: in process they have nothing to act on.
+RAY_ONLY_RESOURCES = ("cpus_per_worker", "cpus_per_learner", "rollout_resource",
+                      "learner_resource", "replay_resource", "pin_to_head",
+                      "wait_for_resources_s")
+
+
+def _warn_ray_only_fields(r) -> None:
+    default = type(r)()
+    changed = [f"resources.{k}={getattr(r, k)!r}" for k in RAY_ONLY_RESOURCES
+               if getattr(r, k) != getattr(default, k)]
+    if changed:
+        _warn(", ".join(changed) + ": Ray placement settings; in process every role runs "
+              "in this one process, so they have no effect here")
+
+
 def _warn(msg: str) -> None:
     log.warning(msg)
     print(f"warning: {msg}")
@@ -762,6 +777,8 @@ class System:
         if placement == "inprocess" and n_workers > 1:
             _warn(f"resources.num_rollout_workers={n_workers}: in process the workers "
                   "evaluate one after another (same numbers as on Ray, no parallelism)")
+        if placement == "inprocess":
+            _warn_ray_only_fields(r)
 
         worker_opts = {"num_cpus": r.cpus_per_worker, "max_restarts": -1,
                        "max_task_retries": -1}

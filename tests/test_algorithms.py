@@ -138,7 +138,7 @@ def test_normalized_qd_score_and_the_paper_metrics():
     m = ms[-1]
     cells = 6 ** 4
     assert meta.max_fitness == 2500.0
-    assert m["norm_qd_score"] == pytest.approx(m["qd_score"] / (cells * (2500 + 374.70)))
+    assert m["norm_qd_score"] == pytest.approx(m["qd_score"] / (cells * (2500 + 374.702526595403)))
     assert m["qd_score_per_cell"] == pytest.approx(m["qd_score"] / cells)
     data = system.archive()
     assert m["worst_fitness"] == pytest.approx(float(data["objective"].min()))
@@ -302,3 +302,20 @@ def test_metrics_are_rewritten_when_resuming_from_an_older_checkpoint(tmp_path):
     assert [m["iteration"] for m in read_metrics(out)] == [1, 2, 3, 4, 5]
     assert [json.loads(ln)["iteration"] for ln in
             (out / "metrics.abandoned.jsonl").read_text().splitlines()] == [4]
+
+
+def test_in_process_placement_names_the_ray_only_settings_it_ignores(capsys):
+    sets = TINY + ["algorithm.batch_size=4", "resources.pin_to_head=true",
+                   "resources.rollout_resource=rollout", "resources.cpus_per_worker=2"]
+    system = System(build_config("map_elites", sets=sets), "inprocess")
+    system.close()
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if "Ray placement settings" in ln)
+    for name in ("resources.pin_to_head=True", "resources.rollout_resource='rollout'",
+                 "resources.cpus_per_worker=2.0"):
+        assert name in line
+    assert "learner_resource" not in line  # left at its default: not named
+    system = System(build_config("map_elites", sets=TINY + ["algorithm.batch_size=4"]),
+                    "inprocess")
+    system.close()
+    assert "Ray placement settings" not in capsys.readouterr().out

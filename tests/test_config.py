@@ -311,3 +311,67 @@ def test_explicit_preset_wins_over_file_label(tmp_path):
     cfg = build_config("cma_mega_td3", file=f)
     assert cfg.preset == "cma_mega_td3" and cfg.algorithm.gradients == "td3" and cfg.seed == 3
     assert build_config(file=f).algorithm.gradients == "es"
+
+
+def _built_scheduler(cfg):
+    """The preset's scheduler as the coordinator builds it (no rollouts)."""
+    import numpy as np
+
+    from dqd_ray import algorithms
+    from dqd_ray.algorithms import BuildContext
+    from dqd_ray.policy import PolicySpec
+
+    spec = PolicySpec.from_config(cfg.env.id, cfg.policy)
+    x0 = spec.init_genome(np.random.default_rng(0))
+    ctx = BuildContext(solution_dim=spec.genome_dim, x0=x0, archive_dims=cfg.env.archive_dims,
+                       archive_ranges=cfg.env.archive_ranges, qd_offset=0.0,
+                       seed_sequence=np.random.SeedSequence(1))
+    return algorithms.get(cfg.algorithm.name).build_scheduler(cfg.algorithm, ctx), x0
+
+
+@pytest.mark.parametrize("env_id", ENV_IDS)
+@pytest.mark.parametrize("preset", PAPER_PRESETS)
+def test_paper_presets_reach_the_emitters_they_build(preset, env_id):
+    """The table again, read off the built pyribs emitters: the settings reach them,
+    and an empty archive's first batch is x0 plus the paper's noise."""
+    import numpy as np
+    from ribs.archives import GridArchive
+    from ribs.emitters import GaussianEmitter, GradientArborescenceEmitter, IsoLineEmitter
+    from ribs.emitters.opt._cma_es import CMAEvolutionStrategy
+    from ribs.emitters.opt._gradient_ascent_opt import GradientAscentOpt
+
+    from dqd_ray.algorithms.pga_me import PolicyGradientEmitter
+
+    cfg = build_config(preset, sets=[f"env.id={env_id}"])
+    sched, x0 = _built_scheduler(cfg)
+    assert isinstance(sched.archive, GridArchive)
+    assert list(sched.archive.dims) == PAPER_ARCHIVES[env_id]
+    assert sched.archive.cells == int(np.prod(PAPER_ARCHIVES[env_id]))
+    emitters = sched.emitters
+    if preset in ("cma_mega_td3_es", "cma_mega_es"):
+        assert len(emitters) == 1 and isinstance(emitters[0], GradientArborescenceEmitter)
+        e = emitters[0]
+        assert isinstance(e._grad_opt, GradientAscentOpt) and e._grad_opt._lr == 1.0
+        assert isinstance(e._opt, CMAEvolutionStrategy)  # pyribs' CMA-ES: the paper's
+        assert e._sigma0 == 1.0 and e._opt.sigma == 1.0
+        assert (e._selection_rule, e._restart_rule, e._normalize_grads) == \
+            ("mu", "no_improvement", True)
+        assert e.batch_size == (98 if preset == "cma_mega_td3_es" else 99)
+        theta = sched.ask_dqd()
+        assert theta.shape == (1, len(x0)) and np.array_equal(theta[0], x0.astype(theta.dtype))
+    elif preset == "pga_me":
+        assert [type(e) for e in emitters] == [IsoLineEmitter, PolicyGradientEmitter]
+        iso, pg = emitters
+        assert (iso._iso_sigma, iso._line_sigma, iso.batch_size) == (0.005, 0.05, 50)
+        assert pg.batch_size == 50
+        batch = sched.ask() - x0
+        assert batch.shape == (100, len(x0))
+        # Empty archive: the iso-line emitter adds its iso noise (pyribs' rule, as the
+        # official code), the PG emitter N(0, 0.02^2).
+        assert abs(batch[:50].std() - 0.005) < 0.0005 and abs(batch[50:].std() - 0.02) < 0.002
+        assert abs(batch.mean()) < 1e-3
+    else:
+        assert len(emitters) == 1 and isinstance(emitters[0], GaussianEmitter)
+        assert emitters[0]._sigma == 0.02 and emitters[0].batch_size == 100
+        batch = sched.ask() - x0
+        assert batch.shape == (100, len(x0)) and abs(batch.std() - 0.02) < 0.002

@@ -97,7 +97,7 @@ ROBOTS: dict[str, RobotSpec] = {
             alive=_alive_ant,
             terminates=True,
             archive_dims=(6, 6, 6, 6),
-            qd_offset=-374.70,
+            qd_offset=-374.702526595403,
             reward_threshold=2500.0,
         ),
         RobotSpec(
@@ -114,7 +114,7 @@ ROBOTS: dict[str, RobotSpec] = {
             alive=_alive_cheetah,
             terminates=False,
             archive_dims=(32, 32),
-            qd_offset=-2797.52,
+            qd_offset=-2797.5195251991777,
             reward_threshold=3000.0,
         ),
         RobotSpec(
@@ -130,7 +130,7 @@ ROBOTS: dict[str, RobotSpec] = {
             alive=_alive_upright,
             terminates=True,
             archive_dims=(1000,),
-            qd_offset=-362.09,
+            qd_offset=-362.0897231940748,
             reward_threshold=2500.0,
         ),
         RobotSpec(
@@ -146,7 +146,7 @@ ROBOTS: dict[str, RobotSpec] = {
             alive=_alive_upright,
             terminates=True,
             archive_dims=(32, 32),
-            qd_offset=-67.17,
+            qd_offset=-67.16652198025106,
             reward_threshold=2500.0,
         ),
     )
