@@ -95,6 +95,12 @@ def save_checkpoint(ckpt_root: str | os.PathLike, iteration: int, state: dict[st
     final = root / f"ckpt_{iteration:07d}"
     for stale in root.glob(".tmp_ckpt_*"):  # left by a crash mid-write (one writer per run)
         shutil.rmtree(stale, ignore_errors=True)
+    for aside in root.glob("ckpt_*" + ASIDE):  # a rewrite that crashed (see below)
+        twin = root / aside.name[: -len(ASIDE)]
+        if twin.exists():
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(aside, twin)
     tmp = root / f".tmp_ckpt_{iteration:07d}_{os.getpid()}_{time.time_ns()}"
     tmp.mkdir()
     try:
@@ -118,9 +124,16 @@ def save_checkpoint(ckpt_root: str | os.PathLike, iteration: int, state: dict[st
                     "has_replay": replay is not None, "extra": _to_jsonable(state.get("extra", {})),
                     "files": files}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        # Rewriting a checkpoint of the same iteration: the old one is moved
+        # aside (and still found by list_checkpoints) until the new one is in
+        # place, so a crash at any point leaves a readable checkpoint.
+        aside = root / (final.name + ASIDE)
         if final.exists():
-            shutil.rmtree(final)
+            if aside.exists():
+                shutil.rmtree(aside)
+            os.replace(final, aside)
         os.replace(tmp, final)
+        shutil.rmtree(aside, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -129,11 +142,23 @@ def save_checkpoint(ckpt_root: str | os.PathLike, iteration: int, state: dict[st
     return final
 
 
+ASIDE = ".replaced"
+
+
 def list_checkpoints(ckpt_root: str | os.PathLike) -> list[Path]:
+    """Checkpoint directories, oldest first; a checkpoint moved aside by a
+    rewrite that did not finish stands for its iteration."""
     root = Path(ckpt_root)
     if not root.exists():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("ckpt_"))
+    found = {}
+    for p in root.iterdir():
+        if not (p.is_dir() and p.name.startswith("ckpt_")):
+            continue
+        name = p.name[: -len(ASIDE)] if p.name.endswith(ASIDE) else p.name
+        if name not in found or not p.name.endswith(ASIDE):
+            found[name] = p
+    return [found[k] for k in sorted(found)]
 
 
 def verify(path: Path) -> dict:

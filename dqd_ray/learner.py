@@ -257,6 +257,30 @@ class Learner:
         with self._lock:
             return self.ensemble.greedy_genome(self.objectives.index(0))
 
+    # -- probes ----------------------------------------------------------------
+
+    def probe_batch(self, size: int, seed: int) -> dict | None:
+        """One batch of the buffer drawn with its own seed (the training stream
+        is untouched); None while the buffer is below ``td3.learning_starts``."""
+        if not self.ready():
+            return None
+        batches = self.sampler.sample(size, 1, int(seed))
+        return {k: np.array(v[0]) for k, v in batches.items()}
+
+    def probe_loss(self, batch: dict) -> float:
+        """Mean TD loss of this learner's critics on ``batch`` (no update)."""
+        with self._lock:
+            return float(np.mean(self.ensemble.td_loss(batch)))
+
+    def snapshot(self, probe: dict | None = None) -> tuple[dict, float | None]:
+        """:meth:`state_dict` and, of the same weights (background training
+        waits), the critic loss on ``probe``."""
+        with self._lock:
+            state = _to_cpu(self.ensemble.state_dict())
+            loss = None if probe is None else float(np.mean(self.ensemble.td_loss(probe)))
+        state["sample_rng"] = self.rng.bit_generator.state
+        return state, loss
+
     # -- state -----------------------------------------------------------------
 
     def state_dict(self) -> dict:

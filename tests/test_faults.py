@@ -32,24 +32,38 @@ def report(tmp_path_factory):
 def test_rollout_learner_and_replay_nodes_removed_mid_run(report):
     r = report["nodes"]
     assert [e["removed"] for e in r["events"]] == ["rollout node", "learner node", "replay node"]
-    # The run completed: every iteration once, evaluations exactly the budget.
+    # The run completed: every iteration once, evaluations exactly the budget
+    # the config implies (theta + 4 branches + the greedy actor, 8 iterations).
     assert r["iterations_unique"], r["iterations"]
-    assert len(r["evaluations_per_iteration"]) == 1  # none lost or counted twice
+    assert r["evaluations_budget"] == 6 * ITERATIONS
+    assert r["evaluations_per_iteration"] == [6]  # none lost or counted twice
     assert r["evaluations"] == r["evaluations_budget"]
     # Restartable actors get only small constructor arguments (ray#53727).
     assert r["restart_argument_warnings"] == 0
     assert r["deprecation_warnings"] == 0
+    for scenario in ("nodes", "driver", "wait", "checkpoint"):
+        assert report[scenario]["restart_argument_warnings_all_logs"] == 0, scenario
     # The rollout worker of the removed node restarted elsewhere.
     assert r["worker_restarts"] >= 1
     # The archive never lost an elite.
     assert r["elites_never_decrease"], r["num_elites"]
     assert r["checkpoints_compared"] >= 3 and r["elites_lost"] == 0
+    assert r["elites_lost_between_checkpoints"] == 0
     # The learner restarted on the new node with the snapshot's critics: its
     # update count continues from the snapshot instead of starting again at 0.
     assert r["learner_restarts"] == 1
     assert "restored the critics of iteration" in r["learner_restore_line"]
     assert r["critic_updates_restored"] > 0
     assert r["critic_updates_after_restore"] >= r["critic_updates_restored"]
+    # The newest snapshot before the loss (snapshots every 2 iterations).
+    learner_it = r["events"][1]["after_iteration"]
+    assert learner_it - 2 < r["learner_restored_iteration"] <= learner_it
+    # On one fixed buffer batch, the restored critics' loss is the snapshot's
+    # (the same weights), far from the restarted learner's fresh critics.
+    snap, restored, fresh = (r["probe_loss_snapshot"], r["probe_loss_restored"],
+                             r["probe_loss_fresh"])
+    assert abs(restored - snap) <= 1e-5 * max(1.0, abs(snap))
+    assert abs(fresh - snap) > 1e-3 * max(1.0, abs(snap))
     # The replay buffer restarted and reloaded the newest checkpoint's data.
     assert r["replay_restarts"] == 1
     line = r["replay_reload_line"]
@@ -63,6 +77,10 @@ def test_driver_sigkill_then_resume(report):
     r = report["driver"]
     assert r["resumed_from_iteration"] >= 2
     assert r["resume_line"].startswith("resumed from")
+    assert r["resumed_from_checkpoint"] in r["resume_line"]
+    assert r["resumed_from_iteration"] <= r["killed_after_iteration"]
+    # The resumed archive holds every elite of the checkpoint from its first iteration.
+    assert r["elites_first_iteration_after_resume"] >= r["checkpoint_elites"]
     assert r["iterations_unique"], r["iterations"]
     assert r["checkpoint_elites"] > 0 and r["elites_lost"] == 0
 
@@ -76,6 +94,9 @@ def test_joining_a_cluster_waits_for_resources_then_fails_or_starts(report):
     assert r["missing_resource_failed_after_s"] >= 4
     # Offered by a node that joins during the wait: the run starts and finishes.
     assert "late_learner 1 needed, 0 now" in r["late_resource_waiting_line"]
+    # The autoscaler was asked for the graph's bundles (node types with
+    # min_workers 0 start only on demand), the missing resource among them.
+    assert "late_learner" in r["late_resource_autoscaler_line"]
     assert r["late_resource_iterations"] == [1, 2]
 
 

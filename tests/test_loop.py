@@ -332,3 +332,39 @@ def test_cli_stop_signal_leaves_a_resumable_run(tmp_path, reference, sig):
         timeout=300, env=dict(os.environ, WANDB_MODE="offline"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert_same_run(out, reference)
+
+
+def _tiny_state(value: float) -> dict:
+    return {"coordinator": {"tree": {"v": value}, "arrays": {"a": np.full(3, value)}},
+            "archive": {"objective": np.full(2, value)}}
+
+
+@pytest.mark.parametrize("crash_at", ["moved aside", "new one in place"])
+def test_rewriting_a_checkpoint_never_leaves_none_readable(tmp_path, monkeypatch, crash_at):
+    """keep=1 and the same iteration written twice (a stop right after a periodic
+    checkpoint): a crash at either step of the swap leaves a readable checkpoint."""
+    root = tmp_path / "checkpoints"
+    ckpt.save_checkpoint(root, 4, _tiny_state(1.0), {}, keep=1)
+    real = os.replace
+    calls = []
+
+    def crashing(src, dst):
+        calls.append((str(src), str(dst)))
+        if crash_at == "moved aside" and len(calls) == 2:  # old moved, new not yet
+            raise KeyboardInterrupt
+        real(src, dst)
+        if crash_at == "new one in place" and len(calls) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt.os, "replace", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(root, 4, _tiny_state(2.0), {}, keep=1)
+    monkeypatch.setattr(ckpt.os, "replace", real)
+    path, manifest = ckpt.latest_valid(root)
+    assert manifest["iteration"] == 4
+    value = json.loads((path / "coordinator.json").read_text())["v"]
+    assert value == (1.0 if crash_at == "moved aside" else 2.0)
+    # The next write tidies up: one checkpoint per iteration, nothing aside.
+    ckpt.save_checkpoint(root, 6, _tiny_state(3.0), {}, keep=2)
+    assert sorted(p.name for p in root.iterdir()) == ["ckpt_0000004", "ckpt_0000006"]
+    assert json.loads((root / "ckpt_0000004" / "coordinator.json").read_text())["v"] == value

@@ -138,6 +138,13 @@ def _elites_kept(run_dir: Path, checkpoints: list[Path]) -> dict[str, Any]:
             "elites_lost": lost}
 
 
+def _lost_between(seen: dict[str, dict]) -> int:
+    """Cells of each checkpoint missing (or worse) in the next one."""
+    ordered = [seen[k] for k in sorted(seen)]
+    return sum(1 for a, b in zip(ordered, ordered[1:])
+               for i, o in a.items() if b.get(i, -np.inf) < o - 1e-9)
+
+
 def _cells_of(saved: Any) -> dict[int, float]:
     return saved if isinstance(saved, dict) else _cells(saved)
 
@@ -201,7 +208,11 @@ def _scenario_nodes(cluster, work: Path, preset: str, iterations: int, extra: li
     m = _metrics(run_dir)
     its = [x["iteration"] for x in m]
     per_iter = [x["iteration_evaluations"] for x in m]
-    expected_per_iter = per_iter[0] if per_iter else 0
+    from dqd_ray.config import build_config
+    from dqd_ray.system import evaluations_per_iteration
+
+    cfg = build_config(preset, sets=[*SMALL, *PLACED, f"iterations={iterations}", *extra])
+    expected_per_iter = evaluations_per_iteration(cfg)
     learner_it = events[1]["after_iteration"]
     replay_it = events[2]["after_iteration"]
     before_l = next(x for x in reversed(m) if x["iteration"] <= learner_it)
@@ -211,6 +222,9 @@ def _scenario_nodes(cluster, work: Path, preset: str, iterations: int, extra: li
     after_r = [x for x in m if x["iteration"] > replay_it and x.get("replay_restarts")]
     first = m[0]
     text = "\n".join(_lines(log))
+    probe = re.search(r"probe critic loss (\S+) at the snapshot, (\S+) restored, (\S+) before",
+                      restore_line or "")
+    restored_it = re.search(r"restored the critics of iteration (\d+)", restore_line or "")
     out = {
         "events": events,
         # Ray's warning that a restartable actor's constructor arguments sit in
@@ -234,6 +248,14 @@ def _scenario_nodes(cluster, work: Path, preset: str, iterations: int, extra: li
         "critic_updates_after_restore": (after_l[0].get("critic_updates_total")
                                          if after_l else None),
         "learner_restore_line": restore_line,
+        "learner_restored_iteration": int(restored_it.group(1)) if restored_it else None,
+        # The learner's critic loss on one fixed buffer batch: at the snapshot,
+        # right after the restore, and of the restarted (fresh) learner before it.
+        "probe_loss_snapshot": float(probe.group(1)) if probe else None,
+        "probe_loss_restored": float(probe.group(2)) if probe else None,
+        "probe_loss_fresh": float(probe.group(3)) if probe else None,
+        "retried_task_lines": text.count("will be retried"),
+        "elites_lost_between_checkpoints": _lost_between(seen),
         "critic_loss_first_iteration": first.get("critic_loss"),
         "critic_loss_before_learner_loss": before_l.get("critic_loss"),
         "critic_loss_after_restore": next((x["critic_loss"] for x in after_l
@@ -278,9 +300,14 @@ def _scenario_driver(cluster, work: Path, preset: str, iterations: int, extra: l
         raise FaultError(f"dqd-ray resume failed (rc {resumed.returncode}):\n"
                          f"{log.read_text()[-3000:]}")
     m = _metrics(run_dir)
+    first_after = next((x for x in m if x["iteration"] == int(manifest["iteration"]) + 1), {})
     return {
         "killed_after_iteration": killed_at,
         "resumed_from_iteration": int(manifest["iteration"]),
+        "resumed_from_checkpoint": path.name,
+        # The archive the resumed run starts from: its first iteration's elites
+        # (an archive never loses a cell, so fewer would mean elites were lost).
+        "elites_first_iteration_after_resume": first_after.get("num_elites"),
         "resume_line": next((ln for ln in _lines(log) if ln.startswith("resumed from")), None),
         "iterations": [x["iteration"] for x in m],
         "iterations_unique": [x["iteration"] for x in m] == list(range(1, iterations + 1)),
@@ -327,6 +354,8 @@ def _scenario_wait(cluster, work: Path, preset: str, extra: list[str],
         "missing_resource_failed_after_s": round(fail_s, 1),
         "late_resource_waiting_line": next((ln for ln in _lines(log) if "waiting up to" in ln),
                                            None),
+        "late_resource_autoscaler_line": next(
+            (ln for ln in _lines(log) if "asked the autoscaler" in ln), None),
         "late_resource_iterations": [x["iteration"] for x in _metrics(run_dir)],
         "late_resource_finished_s_after_node": round(started_s, 1),
     }
@@ -439,6 +468,12 @@ def run(scenarios: list[str] | None = None, preset: str = "cma_mega_td3", iterat
             else:
                 res = _scenario_checkpoint(work, preset, iterations, extra, timeout_s)
             res["wall_s"] = round(time.time() - t0, 1)
+            # Ray's warning about restartable actors whose constructor arguments
+            # sit in the object store (ray-project/ray#53727), in every run's log.
+            res["restart_argument_warnings_all_logs"] = sum(
+                p.read_text(errors="replace").count(
+                    "has constructor arguments in the object store")
+                for p in work.glob(f"{name}*.log"))
             results[name] = res
             print(json.dumps({name: res}, indent=1, default=str), flush=True)
     finally:
