@@ -10,6 +10,7 @@ flags it invalid; its transitions after the fault are not recorded.
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from typing import Callable
@@ -44,6 +45,21 @@ class _ChunkBuilder:
         if self.n == self.size:
             self.flush()
 
+    def add_step(self, obs, action, reward: float, measures_step, next_obs, terminated: float):
+        """:meth:`add` with the reward vector given as fitness reward and step measures."""
+        i = self.n
+        b = self._bufs
+        b["obs"][i] = obs
+        b["action"][i] = action
+        row = b["reward"][i]
+        row[0] = reward
+        row[1:] = measures_step
+        b["next_obs"][i] = next_obs
+        b["terminated"][i] = terminated
+        self.n += 1
+        if self.n == self.size:
+            self.flush()
+
     def flush(self):
         if self.n:
             chunk = {k: v[: self.n].copy() for k, v in self._bufs.items()}
@@ -53,6 +69,40 @@ class _ChunkBuilder:
                 self.sink(chunk, key=(*self.key, self.part))
                 self.part += 1
             self.n = 0
+
+
+class _SlotPolicies:
+    """The policy of each env slot, unflattened once per episode into stacked
+    layer arrays, so a step's batched forward copies no genome. Each slot's
+    matmul is the one :meth:`PolicySpec.forward_many_np` does (same shapes and
+    strides per slice): the actions are bit for bit the same."""
+
+    def __init__(self, spec: PolicySpec, slots: int):
+        self.spec = spec
+        self.w = [np.zeros((slots, fo, fi), np.float32) for _, _, fi, fo in spec.layers]
+        self.b = [np.zeros((slots, 1, fo), np.float32) for _, _, fi, fo in spec.layers]
+        self.wt = [w.transpose(0, 2, 1) for w in self.w]
+        self.hidden_tanh = spec.activation == "tanh"
+
+    def set(self, slot: int, genome: np.ndarray) -> None:
+        for (w, b, fi, fo), W, B in zip(self.spec.layers, self.w, self.b):
+            W[slot] = genome[w].reshape(fo, fi)
+            B[slot, 0] = genome[b]
+
+    def forward(self, obs: np.ndarray, rows: list[int] | None) -> np.ndarray:
+        """Actions ``(len(rows), act)`` of the slots ``rows`` (None: all) at ``obs``."""
+        x = obs[:, None, :]
+        last = len(self.w) - 1
+        for i, (W, Wt, B) in enumerate(zip(self.w, self.wt, self.b)):
+            if rows is None:
+                x = np.matmul(x, Wt) + B
+            else:
+                x = np.matmul(x, W[rows].transpose(0, 2, 1)) + B[rows]
+            if i == last or self.hidden_tanh:
+                np.tanh(x, out=x)
+            else:
+                np.maximum(x, 0.0, out=x)
+        return x[:, 0]
 
 
 class RolloutWorker:
@@ -146,8 +196,11 @@ class RolloutWorker:
             shared = _ChunkBuilder(*dims, self.chunk_size, sink)
 
         queue = list(range(g_count))
-        slots: list[int | None] = [None] * len(self.envs)
-        obs = [None] * len(self.envs)
+        n_envs = len(self.envs)
+        slots: list[int | None] = [None] * n_envs
+        obs = np.zeros((n_envs, dims[0]), np.float32)
+        policies = _SlotPolicies(self.spec, n_envs)
+        envs = self.envs
         steps = 0
 
         def start(slot: int) -> None:
@@ -156,7 +209,8 @@ class RolloutWorker:
             if queue:
                 gi = queue.pop(0)
                 slots[slot] = gi
-                obs[slot], _ = self.envs[slot].reset(seed=int(seeds[gi]))
+                obs[slot], _ = envs[slot].reset(seed=int(seeds[gi]))
+                policies.set(slot, genomes[gi])
                 if record and keys is not None:
                     k = keys[gi]
                     k = tuple(int(v) for v in k) if np.ndim(k) else (int(k),)
@@ -167,38 +221,44 @@ class RolloutWorker:
                 slots[slot] = None
                 builders[slot] = None
 
-        for s in range(len(self.envs)):
+        def stop(slot: int, gi: int, env) -> None:
+            valid[gi] = False
+            length[gi] = env._t
+            start(slot)
+
+        for s in range(n_envs):
             start(s)
-        while any(gi is not None for gi in slots):
-            active = [s for s, gi in enumerate(slots) if gi is not None]
-            idx = [slots[s] for s in active]
-            batch_obs = np.stack([obs[s] for s in active])
-            actions = self.spec.forward_many_np(genomes[idx], batch_obs)
+        tld = self.time_limit_done
+        active = [s for s in range(n_envs) if slots[s] is not None]
+        while active:
+            full = len(active) == n_envs
+            batch_obs = obs if full else obs[active]
+            actions = policies.forward(batch_obs, None if full else active)
             finite = np.isfinite(actions).all(axis=1) & np.isfinite(batch_obs).all(axis=1)
+            act64 = actions.astype(np.float64)
             for row, s in enumerate(active):
                 gi = slots[s]
+                env = envs[s]
                 if not finite[row]:
-                    valid[gi] = False
-                    length[gi] = self.envs[s]._t
-                    start(s)
+                    stop(s, gi, env)
                     continue
-                env = self.envs[s]
-                nxt, rew, term, trunc, info = env.step(actions[row])
+                # tanh actions are within [-1, 1]: env.step's clip changes nothing.
+                nxt, rew, term, trunc, step_measures = env.advance(act64[row])
                 steps += 1
-                if not (np.isfinite(nxt).all() and np.isfinite(rew)):
-                    valid[gi] = False
-                    length[gi] = env._t
-                    start(s)
+                if not (math.isfinite(rew) and np.isfinite(nxt).all()):
+                    stop(s, gi, env)
                     continue
-                if builders[s] is not None:
-                    builders[s].add(obs[s], actions[row], (rew, *info["measures_step"]), nxt,
-                                    float(term or (trunc and self.time_limit_done)))
+                b = builders[s]
+                if b is not None:
+                    b.add_step(obs[s], actions[row], rew, step_measures, nxt,
+                               1.0 if (term or (trunc and tld)) else 0.0)
                 obs[s] = nxt
                 if term or trunc:
                     fitness[gi] = env.episode_return
-                    measures[gi] = info["measures"]
+                    measures[gi] = env.measures()
                     length[gi] = env._t
                     start(s)
+            active = [s for s in range(n_envs) if slots[s] is not None]
         if shared is not None:
             shared.flush()
         drain = getattr(self._sink, "drain", None)

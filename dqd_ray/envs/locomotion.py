@@ -171,7 +171,7 @@ class QDLocomotionEnv(gym.Env):
 
     def _calc_state(self) -> np.ndarray:
         r, cid = self._robot, self._robot.client
-        joints = pybullet.getJointStates(r.body, r.joint_ids, physicsClientId=cid)
+        joints = pybullet.getJointStates(r.body, self._joint_list, physicsClientId=cid)
         raw = np.array([s[:2] for s in joints])  # (n, 2): position, velocity
         rel = np.empty(2 * len(joints), np.float32)
         rel[0::2] = (raw[:, 0] - r.joint_mid) / r.joint_half_range
@@ -180,7 +180,7 @@ class QDLocomotionEnv(gym.Env):
         self._joints_at_limit = int(np.count_nonzero(np.abs(rel[0::2]) > 0.99))
 
         # Body x, y: mean over all parts; z, orientation and speed: the torso.
-        states = pybullet.getLinkStates(r.body, r.part_link_ids, physicsClientId=cid)
+        states = pybullet.getLinkStates(r.body, self._part_list, physicsClientId=cid)
         sx = sy = 0.0
         for s in states:
             sx += s[0][0]
@@ -235,6 +235,10 @@ class QDLocomotionEnv(gym.Env):
         super().reset(seed=seed)
         if self._robot is None:
             self._robot = load_robot(self.spec_robot)
+            r = self._robot
+            # Plain lists: pybullet reads them faster than numpy arrays.
+            self._joint_list = [int(j) for j in r.joint_ids]
+            self._part_list = [int(i) for i in r.part_link_ids]
         r, kw = self._robot, {"physicsClientId": self._robot.client}
         pybullet.restoreState(r.state_id, **kw)
         for j in r.joint_ids:
@@ -266,17 +270,40 @@ class QDLocomotionEnv(gym.Env):
         if not np.isfinite(a).all():
             raise ValueError(f"action contains non-finite values: {a}")
         a = np.minimum(np.maximum(a, -1.0), 1.0)
-        r, kw = self._robot, {"physicsClientId": self._robot.client}
+        obs, reward, terminated, truncated, step_measures = self.advance(a)
+        info = {
+            "measures_step": step_measures,
+            "measures": self._measure_counts / self._t,
+            "reward_alive": self._alive,
+            "reward_progress": self._progress,
+            "reward_electricity": self._electricity,
+            "reward_joints_at_limit": self._limits,
+        }
+        return obs, reward, terminated, truncated, info
+
+    def advance(self, a: np.ndarray):
+        """:meth:`step` for callers that checked the action themselves (the
+        rollout worker): ``a`` float64 of shape ``(act_dim,)``, finite, within
+        [-1, 1]. Same physics and numbers as ``step``, without the checks and
+        the info dict.
+
+        Returns:
+            ``(obs, reward, terminated, truncated, measures_step)``; the running
+            measures are :meth:`measures`, the terms of the reward are
+            ``_alive``, ``_progress``, ``_electricity`` and ``_limits``.
+        """
+        r = self._robot
+        cid = r.client
         pybullet.setJointMotorControlArray(
-            r.body, r.joint_ids, pybullet.TORQUE_CONTROL, forces=r.torque_scale * a, **kw
+            r.body, self._joint_list, pybullet.TORQUE_CONTROL,
+            forces=(r.torque_scale * a).tolist(), physicsClientId=cid,
         )
-        pybullet.stepSimulation(**kw)
+        pybullet.stepSimulation(physicsClientId=cid)
 
         obs = self._calc_state()
-        alive = self.spec_robot.alive(
-            float(obs[0]) + self._initial_z, self._pitch, self._feet_contact
-        )
-        terminated = self.spec_robot.terminates and alive < 0
+        spec = self.spec_robot
+        alive = spec.alive(float(obs[0]) + self._initial_z, self._pitch, self._feet_contact)
+        terminated = spec.terminates and alive < 0
         if not np.isfinite(obs).all():
             terminated = True
         potential = self._potential()
@@ -289,6 +316,8 @@ class QDLocomotionEnv(gym.Env):
         electricity += STALL_TORQUE_COST * float(np.dot(a, a)) / n
         limits = JOINTS_AT_LIMIT_COST * self._joints_at_limit
         reward = alive + progress + electricity + limits
+        self._alive, self._progress, self._electricity, self._limits = (
+            alive, progress, electricity, limits)
 
         self._t += 1
         self.episode_return += reward
@@ -296,15 +325,12 @@ class QDLocomotionEnv(gym.Env):
         self._measure_counts += step_measures
         truncated = (not terminated) and self._t >= self.max_episode_steps
         self._needs_reset = bool(terminated or truncated)
-        info = {
-            "measures_step": step_measures,
-            "measures": self._measure_counts / self._t,
-            "reward_alive": alive,
-            "reward_progress": progress,
-            "reward_electricity": electricity,
-            "reward_joints_at_limit": limits,
-        }
-        return obs, float(reward), bool(terminated), bool(truncated), info
+        return obs, float(reward), bool(terminated), bool(truncated), step_measures
+
+    def measures(self) -> np.ndarray:
+        """The running measures: the fraction of this episode's steps with each
+        measured foot on the ground."""
+        return self._measure_counts / max(self._t, 1)
 
     def render(self):
         if self.render_mode != "rgb_array":
