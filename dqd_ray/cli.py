@@ -107,7 +107,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from dqd_ray.bench import rollout
 
         rollout.run(env_ids=tuple(args.env) if args.env else rollout.ENV_IDS,
-                    genomes=args.genomes, repeats=args.repeats, json_path=args.json)
+                    genomes=args.genomes, repeats=args.repeats, min_steps=args.min_steps,
+                    json_path=args.json)
+        return 0
+    if args.bench == "iteration":
+        from dqd_ray.bench import iteration
+
+        iteration.run(preset=args.preset, env_id=args.env, iterations=args.iterations,
+                      sets=args.set, workers=tuple(args.workers),
+                      episode_steps=args.episode_steps, learner_json=args.learner_json,
+                      json_path=args.json)
         return 0
     if args.bench == "faults":
         from dqd_ray.bench import faults
@@ -220,9 +229,27 @@ def build_parser() -> argparse.ArgumentParser:
         "pybullet loop, with the per-step time split")
     b_rol.add_argument("--env", action="append", default=[],
                        help="an env id (repeatable; default: all four)")
-    b_rol.add_argument("--genomes", type=int, default=8, help="random policies (episodes) per env")
+    b_rol.add_argument("--genomes", type=int, default=8,
+                       help="random policies (episodes) per env, at least")
+    b_rol.add_argument("--min-steps", type=int, default=4000,
+                       help="more episodes until this many env steps per env")
     b_rol.add_argument("--repeats", type=int, default=3)
     b_rol.add_argument("--json", default=None)
+    b_it = bsub.add_parser(
+        "iteration", help="a few iterations at the paper's settings, timed by phase, and "
+        "the projected wall time of a whole run on W rollout CPUs and one learner")
+    b_it.add_argument("--preset", default="cma_mega_td3_es")
+    b_it.add_argument("--env", default="QDAntBulletEnv-v0")
+    b_it.add_argument("--iterations", type=int, default=4)
+    b_it.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config field (e.g. to shrink the iteration)")
+    b_it.add_argument("--workers", type=int, nargs="+", default=[100],
+                      help="rollout CPUs of the projection")
+    b_it.add_argument("--episode-steps", type=int, default=1000,
+                      help="steps per episode in the projection (1000: every episode full)")
+    b_it.add_argument("--learner-json", default=None,
+                      help="learner figures from `dqd-ray bench learner --json` (e.g. a GPU)")
+    b_it.add_argument("--json", default=None)
     b_flt = bsub.add_parser(
         "faults", help="node loss, driver SIGKILL and checkpoint crashes on a local "
         "multi-node Ray cluster; reports what survived")

@@ -200,11 +200,18 @@ class Coordinator:
     def iteration(self) -> dict[str, Any]:
         t0 = time.perf_counter()
         steps0, evals0 = self.counters["env_steps"], self.counters["evaluations"]
-        timings = {"rollout_s": 0.0, "gradient_s": 0.0, "train_s": 0.0}
+        # rollout_s / gradient_s / train_s: the coarse split; phase_* the phases
+        # of the paper's iteration (train_s is the wait for training after the
+        # batch; critic_train_s the learner's own training time).
+        timings = {"rollout_s": 0.0, "gradient_s": 0.0, "train_s": 0.0,
+                   "phase_theta_es_s": 0.0, "phase_jacobian_s": 0.0, "phase_batch_s": 0.0,
+                   "phase_robustness_s": 0.0}
         sched, needs = self.scheduler, self.needs
         training = None
         if self.td3_updates > 0 and needs.critic_updates:
+            t = time.perf_counter()
             training = self.learner.stage_training(self.td3_updates)
+            timings["phase_stage_s"] = time.perf_counter() - t
         metrics: dict[str, Any] = {}
 
         if needs.dqd:
@@ -216,6 +223,7 @@ class Coordinator:
             t = time.perf_counter()
             out_all = self._evaluate(batch)
             timings["rollout_s"] += time.perf_counter() - t
+            timings["phase_theta_es_s"] = time.perf_counter() - t
             n = len(thetas)
             out = {k: v[:n] if isinstance(v, np.ndarray) else v for k, v in out_all.items()}
             es_out = None
@@ -225,6 +233,7 @@ class Coordinator:
             t = time.perf_counter()
             jac = self.jacobian(thetas, es_out)
             timings["gradient_s"] += time.perf_counter() - t
+            timings["phase_jacobian_s"] = time.perf_counter() - t
             norms = np.linalg.norm(jac, axis=2)  # before the emitter normalizes in place
             metrics["grad_norm_fitness"] = float(norms[:, 0].mean())
             metrics["grad_norm_measures"] = float(norms[:, 1:].mean())
@@ -245,6 +254,7 @@ class Coordinator:
         t = time.perf_counter()
         out_b = self._evaluate(batch)
         timings["rollout_s"] += time.perf_counter() - t
+        timings["phase_batch_s"] = time.perf_counter() - t
         g = 1 if self.greedy else 0
         if g:
             metrics.update(self._insert_greedy(batch[:1], out_b))
@@ -266,12 +276,18 @@ class Coordinator:
             train_info = training.wait() or {}
             self.counters["critic_updates"] += int(train_info.get("updates", 0))
             timings["train_s"] += time.perf_counter() - t
+            if "train_s" in train_info:
+                timings["critic_train_s"] = float(train_info["train_s"])
 
         self.counters["iteration"] += 1
         if self.learner is not None and hasattr(self.learner, "after_iteration"):
+            t = time.perf_counter()
             self.learner.after_iteration(self.counters["iteration"])  # restarts, snapshots
+            timings["phase_learner_checks_s"] = time.perf_counter() - t
         if self.robustness_every and self.counters["iteration"] % self.robustness_every == 0:
+            t = time.perf_counter()
             self._measure_robustness()
+            timings["phase_robustness_s"] = time.perf_counter() - t
         metrics = {**self.metrics(), **metrics, **timings}
         metrics["iteration_env_steps"] = self.counters["env_steps"] - steps0
         metrics["iteration_evaluations"] = self.counters["evaluations"] - evals0

@@ -155,7 +155,9 @@ class Learner:
         start = time.perf_counter()
         with self._lock:
             out = self.ensemble.train(batches)
-        self.busy_s += time.perf_counter() - start
+        spent = time.perf_counter() - start
+        self.busy_s += spent
+        out["train_s"] = spent
         if not np.isfinite(out["actor_loss"]).any() and "actor_loss" in self.last_losses:
             out = {**out, "actor_loss": self.last_losses["actor_loss"]}  # keep the last one
         self.last_losses = out

@@ -54,7 +54,8 @@ CORE_METRICS = frozenset({
     "rollout_s", "gradient_s", "train_s", "wall_s", "env_steps_per_s", "evaluations_per_s",
     "critic_updates_per_s", "time_rollout_s", "time_gradient_s", "time_train_s",
     "time_coordinator_s", "worker_idle_frac", "replay_size", "worker_restarts",
-    "replay_restarts",
+    "replay_restarts", "phase_theta_es_s", "phase_jacobian_s", "phase_batch_s",
+    "phase_robustness_s",
 })
 
 

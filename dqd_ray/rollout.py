@@ -245,7 +245,7 @@ class RolloutWorker:
                 # tanh actions are within [-1, 1]: env.step's clip changes nothing.
                 nxt, rew, term, trunc, step_measures = env.advance(act64[row])
                 steps += 1
-                if not (math.isfinite(rew) and np.isfinite(nxt).all()):
+                if not (env.obs_finite and math.isfinite(rew)):
                     stop(s, gi, env)
                     continue
                 b = builders[s]

@@ -563,6 +563,8 @@ class LearnerGroup:
 def _merge_losses(outs: list[dict], objectives: list[list[int]]) -> dict:
     # Every learner does the same updates on its own critics: count them once.
     merged: dict = {"updates": int(min(o.get("updates", 0) for o in outs)) if outs else 0}
+    if any("train_s" in o for o in outs):  # learners train side by side: the slowest
+        merged["train_s"] = max(float(o.get("train_s", 0.0)) for o in outs)
     if not any("critic_loss" in o for o in outs):
         return merged
     for key in ("critic_loss", "actor_loss"):

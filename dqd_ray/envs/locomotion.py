@@ -164,20 +164,18 @@ class QDLocomotionEnv(gym.Env):
         self._feet_contact = np.zeros(len(spec.foot_list), np.float32)
         self._measure_counts = np.zeros(spec.measure_dim)
         self._measure_idx = np.array(spec.measure_feet)
+        self.obs_finite = True  # whether the last observation was finite
         self._t = 0
         self.episode_return = 0.0
 
     # -- physics helpers -------------------------------------------------
 
     def _calc_state(self) -> np.ndarray:
+        # Scalars are Python floats (IEEE doubles, the same arithmetic numpy
+        # does elementwise) gathered into one float32 array: per step, a few
+        # numpy calls instead of a dozen on tiny arrays.
         r, cid = self._robot, self._robot.client
         joints = pybullet.getJointStates(r.body, self._joint_list, physicsClientId=cid)
-        raw = np.array([s[:2] for s in joints])  # (n, 2): position, velocity
-        rel = np.empty(2 * len(joints), np.float32)
-        rel[0::2] = (raw[:, 0] - r.joint_mid) / r.joint_half_range
-        rel[1::2] = 0.1 * raw[:, 1]
-        self._joint_speeds = rel[1::2]
-        self._joints_at_limit = int(np.count_nonzero(np.abs(rel[0::2]) > 0.99))
 
         # Body x, y: mean over all parts; z, orientation and speed: the torso.
         states = pybullet.getLinkStates(r.body, self._part_list, physicsClientId=cid)
@@ -210,12 +208,18 @@ class QDLocomotionEnv(gym.Env):
         # Rotate the world-frame speed into the torso's yaw frame.
         vx = c * t_vel[0] + s_ * t_vel[1]
         vy = -s_ * t_vel[0] + c * t_vel[1]
-        obs = np.empty(self.spec_robot.obs_dim, np.float32)
-        obs[:8] = (z - self._initial_z, math.sin(angle), math.cos(angle),
-                   0.3 * vx, 0.3 * vy, 0.3 * t_vel[2], roll, pitch)
-        obs[8:8 + len(rel)] = rel
+        vals = [z - self._initial_z, math.sin(angle), math.cos(angle),
+                0.3 * vx, 0.3 * vy, 0.3 * t_vel[2], roll, pitch]
+        # Joints: position relative to the range's middle, scaled to [-1, 1], and 0.1 x speed.
+        for js, mid, half in zip(joints, self._joint_mid, self._joint_half):
+            vals.append((js[0] - mid) / half)
+            vals.append(0.1 * js[1])
         # Feet contacts in the observation are those of the previous step.
-        obs[8 + len(rel):] = self._feet_contact
+        vals.extend(self._feet_contact.tolist())
+        obs = np.array(vals, np.float32)
+        rel = obs[8:8 + 2 * len(joints)]  # float32, before the observation's clip
+        self._joint_speeds = rel[1::2].copy()
+        self._joints_at_limit = int(np.count_nonzero(np.abs(rel[0::2]) > 0.99))
         np.maximum(obs, -5.0, out=obs)
         return np.minimum(obs, 5.0, out=obs)
 
@@ -239,6 +243,9 @@ class QDLocomotionEnv(gym.Env):
             # Plain lists: pybullet reads them faster than numpy arrays.
             self._joint_list = [int(j) for j in r.joint_ids]
             self._part_list = [int(i) for i in r.part_link_ids]
+            self._joint_mid = r.joint_mid.tolist()
+            self._joint_half = r.joint_half_range.tolist()
+            self._all_feet_measured = list(self._measure_idx) == list(range(len(r.feet_links)))
         r, kw = self._robot, {"physicsClientId": self._robot.client}
         pybullet.restoreState(r.state_id, **kw)
         for j in r.joint_ids:
@@ -304,7 +311,8 @@ class QDLocomotionEnv(gym.Env):
         spec = self.spec_robot
         alive = spec.alive(float(obs[0]) + self._initial_z, self._pitch, self._feet_contact)
         terminated = spec.terminates and alive < 0
-        if not np.isfinite(obs).all():
+        self.obs_finite = bool(np.isfinite(obs).all())
+        if not self.obs_finite:
             terminated = True
         potential = self._potential()
         progress = potential - self._last_potential
@@ -321,7 +329,8 @@ class QDLocomotionEnv(gym.Env):
 
         self._t += 1
         self.episode_return += reward
-        step_measures = self._feet_contact[self._measure_idx].astype(np.float64)
+        step_measures = (self._feet_contact if self._all_feet_measured
+                         else self._feet_contact[self._measure_idx]).astype(np.float64)
         self._measure_counts += step_measures
         truncated = (not terminated) and self._t >= self.max_episode_steps
         self._needs_reset = bool(terminated or truncated)

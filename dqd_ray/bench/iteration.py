@@ -1,0 +1,187 @@
+"""``dqd-ray bench iteration``: a few iterations at the paper's settings, timed by
+phase, and the projected wall time of a whole paper run.
+
+The run is the preset as configured (CMA-MEGA (TD3, ES): 200 evaluations, 600
+critic updates staged from the experience up to the previous iteration and run
+while the branches are evaluated, a 65,536-state jacobian) on this machine's
+Ray. Each iteration is split into: theta and its ES samples, the jacobian,
+the branches (with the greedy actor), the wait for critic training after the
+branches, robustness, the coordinator's own work (ask/tell, CMA-ES, ES
+estimate) and, once, a checkpoint. ``overlap`` is the share of the learner's
+training time hidden behind the branch rollouts.
+
+The projection, printed with its inputs::
+
+    T = I * (ceil(H1 / W) * t_ep + t_jac + max(ceil(H2 / W) * t_ep, t_train)
+             + ceil(R / W) * t_ep + t_coord + t_ckpt / C)
+
+I iterations (evaluations / per-iteration evaluations), H1 and H2 the two
+halves of the batch (theta + ES samples; branches + greedy actor), W rollout
+CPUs, R robustness episodes per iteration, t_ep the time of one episode on one
+core (``episode_steps`` / measured env steps per second per core), t_jac and
+t_train the learner's jacobian and critic-update times (measured here, or taken
+from a ``dqd-ray bench learner --json`` file, e.g. one made on a GPU), t_coord
+the coordinator's measured time, t_ckpt / C the checkpoint cost per iteration.
+``episode_steps`` is 1000 (the cap: every episode runs to the time limit) unless
+given; the measured mean is printed next to it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from dqd_ray.bench.common import machine_info, print_table, write_json
+
+PUBLISHED = {"hours": 16.3, "cpus": 100, "gpu": "P100",
+             "what": "CMA-MEGA (TD3, ES) on QD Ant, 1,000,000 evaluations (Tjanaka et al. 2022)"}
+
+
+def _learner_figures(path: str | None, updates: int, states: int) -> dict | None:
+    """(t_train, t_jac) for ``updates`` fitness-critic updates and a ``states``-state
+    jacobian of one genome, from a ``bench learner`` JSON file."""
+    if not path:
+        return None
+    data = json.loads(Path(path).read_text())
+    u = data["updates"]
+    # The paper trains the fitness critic only: one agent of the k+1.
+    single = u["single_agent_updates_per_s"]
+    rows = [r for r in data["jacobian"] if r["genomes"] == 1]
+    row = min(rows, key=lambda r: abs(r["states"] - states))
+    # The bench's jacobian covers all k+1 objectives; one objective costs less,
+    # so this over-estimates.
+    return {"t_train": updates / single, "t_jac": row["jacobian_s"] * states / row["states"],
+            "source": f"{path} ({data.get('cuda_device') or u['device']})"}
+
+
+def run(preset: str = "cma_mega_td3_es", env_id: str = "QDAntBulletEnv-v0",
+        iterations: int = 4, sets: list[str] | None = None, workers: tuple[int, ...] = (100,),
+        episode_steps: int = 1000, learner_json: str | None = None,
+        json_path: str | None = None) -> dict[str, Any]:
+    import ray
+
+    from dqd_ray import checkpoint as ckpt
+    from dqd_ray.config import build_config
+    from dqd_ray.loop import init_ray
+    from dqd_ray.system import System, evaluations_per_iteration
+
+    cfg = build_config(preset, sets=[f"env.id={env_id}", "logging.progress_bar=false",
+                                     *(sets or [])])
+    init_ray()
+    system = System(cfg, "ray")
+    rows = []
+    try:
+        for i in range(iterations):
+            m = system.iteration()
+            rows.append(m)
+            coord = max(0.0, m["iteration_s"] - m["phase_theta_es_s"] - m["phase_jacobian_s"]
+                        - m["phase_batch_s"] - m["train_s"] - m["phase_robustness_s"])
+            print(f"  iteration {i + 1}: {m['iteration_s']:.1f} s ({m['iteration_evaluations']}"
+                  f" evaluations, {m['iteration_env_steps']} env steps, "
+                  f"{m.get('critic_updates', 0)} critic updates so far)", flush=True)
+            m["phase_coordinator_s"] = coord
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp:
+            state = system.state(save_replay=cfg.checkpoint.save_replay)
+            path = ckpt.save_checkpoint(Path(tmp) / "checkpoints", iterations, state,
+                                        cfg.model_dump(mode="json"))
+            ckpt_bytes = sum(f.stat().st_size for f in path.iterdir())
+        t_ckpt = time.perf_counter() - t0
+        n_workers = len(system.workers)
+        cpus = ray.cluster_resources().get("CPU", 0)
+    finally:
+        system.close()
+
+    # The first iteration has no trained critics and starts the actors; the
+    # second pays one-off costs on Ray (first training and jacobian): the
+    # projection uses the iterations after them.
+    steady = rows[2:] or rows[1:] or rows
+    table = []
+    prev_updates = 0
+    for i, m in enumerate(rows):
+        done_updates = int(m.get("critic_updates", 0)) - prev_updates  # the counter is cumulative
+        prev_updates = int(m.get("critic_updates", 0))
+        train = m.get("critic_train_s")
+        table.append({
+            "iteration": i + 1, "total_s": m["iteration_s"],
+            "theta_es_s": m["phase_theta_es_s"], "jacobian_s": m["phase_jacobian_s"],
+            "batch_s": m["phase_batch_s"], "train_wait_s": m["train_s"],
+            "critic_train_s": train if train is not None else float("nan"),
+            "overlap": (1.0 - m["train_s"] / train) if train else float("nan"),
+            "robustness_s": m["phase_robustness_s"], "stage_s": m.get("phase_stage_s", 0.0),
+            "coordinator_s": m["phase_coordinator_s"],
+            "evaluations": m["iteration_evaluations"], "env_steps": m["iteration_env_steps"],
+            "critic_updates": done_updates,
+        })
+    print(f"{preset} on {env_id}, {n_workers} rollout workers on {cpus:g} CPUs "
+          f"(seconds per phase):")
+    print_table(table, ["iteration", "total_s", "theta_es_s", "jacobian_s", "batch_s",
+                        "train_wait_s", "critic_train_s", "overlap", "robustness_s",
+                        "stage_s", "coordinator_s", "evaluations", "critic_updates"])
+    print("(coordinator_s: everything else, staging the critic batches (stage_s) included; "
+          f"the projection uses iterations {len(rows) - len(steady) + 1}-{len(rows)})")
+    print(f"checkpoint: {t_ckpt:.2f} s, {ckpt_bytes / 1e6:.1f} MB")
+
+    # -- projection ---------------------------------------------------------------
+    rollout_s = sum(m["phase_theta_es_s"] + m["phase_batch_s"] + m["phase_robustness_s"]
+                    for m in steady)
+    steps = sum(m["iteration_env_steps"] for m in steady)
+    evals = sum(m["iteration_evaluations"] for m in steady)
+    rob_evals = [m.get("robustness_evaluations", 0) for m in rows]
+    rob_per_it = (rob_evals[-1] - (rob_evals[0] if len(rows) > 1 else 0)) / len(steady)
+    mean_ep = steps / max(evals, 1)
+    rob_steps = rob_per_it * mean_ep  # robustness episodes count no env steps: estimated
+    sps_core = (steps + rob_steps) / max(rollout_s, 1e-9) / max(n_workers, 1)
+    a = cfg.algorithm
+    per_it = evaluations_per_iteration(cfg)
+    es_n = cfg.es.num_samples if getattr(a, "gradients", "es") != "td3" else 0
+    h1 = (1 + es_n) if cfg.algorithm.name in ("cma_mega", "cma_maega") else 0
+    h2 = per_it - h1
+    total_evals = cfg.evaluations or cfg.iterations * per_it
+    n_it = math.ceil(total_evals / per_it)
+    updates = cfg.td3.train_steps_per_iteration if cfg.uses_td3 else 0
+    measured_train = [m["critic_train_s"] for m in steady if m.get("critic_train_s")]
+    inputs = {
+        "evaluations": total_evals, "per_iteration": per_it, "iterations": n_it,
+        "half_1": h1, "half_2": h2, "robustness_episodes": rob_per_it,
+        "episode_steps": episode_steps, "measured_mean_episode_steps": mean_ep,
+        "env_steps_per_s_per_core": sps_core,
+        "t_jac": statistics.median(m["phase_jacobian_s"] for m in steady),
+        "t_train": statistics.median(measured_train) if measured_train else 0.0,
+        "t_coord": statistics.median(m["phase_coordinator_s"] for m in steady),
+        "t_ckpt_per_iteration": t_ckpt / cfg.checkpoint.every,
+        "learner_source": f"measured here (CPU, {updates} updates)",
+    }
+    lf = _learner_figures(learner_json, updates, cfg.td3.jacobian_states)
+    if lf:
+        inputs.update(t_train=lf["t_train"], t_jac=lf["t_jac"], learner_source=lf["source"])
+    t_ep = episode_steps / sps_core
+    inputs["t_ep"] = t_ep
+    projections = []
+    for w in workers:
+        half1 = math.ceil(h1 / w) * t_ep if h1 else 0.0
+        half2 = math.ceil(h2 / w) * t_ep
+        rob = math.ceil(rob_per_it / w) * t_ep if rob_per_it else 0.0
+        per = (half1 + inputs["t_jac"] + max(half2, inputs["t_train"]) + rob
+               + inputs["t_coord"] + inputs["t_ckpt_per_iteration"])
+        projections.append({"rollout_cpus": w, "iteration_s": per,
+                            "hours": n_it * per / 3600.0,
+                            "training_hidden": inputs["t_train"] <= half2})
+    print("projection: T = I * (ceil(H1/W) t_ep + t_jac + max(ceil(H2/W) t_ep, t_train) "
+          "+ ceil(R/W) t_ep + t_coord + t_ckpt/C)")
+    for k, v in inputs.items():
+        print(f"  {k} = {v:.4g}" if isinstance(v, float) else f"  {k} = {v}")
+    print_table(projections, ["rollout_cpus", "iteration_s", "hours", "training_hidden"])
+    print(f"published: {PUBLISHED['hours']} h on {PUBLISHED['cpus']} CPUs and a "
+          f"{PUBLISHED['gpu']} ({PUBLISHED['what']})")
+    payload = {"benchmark": "iteration", "machine": machine_info(), "preset": preset,
+               "env": env_id, "rollout_workers": n_workers, "cpus": cpus,
+               "iterations": table, "checkpoint_s": t_ckpt, "checkpoint_bytes": ckpt_bytes,
+               "projection_inputs": inputs, "projection": projections, "published": PUBLISHED}
+    write_json(json_path, payload)
+    return payload
