@@ -140,7 +140,10 @@ class Learner:
         """Samples and keeps the batches of ``num_updates`` updates; returns how many."""
         self._staged = None
         if num_updates > 0 and self.ready():
-            self._staged = self.sampler.sample(self.cfg.batch_size, num_updates, self._seed())
+            batches = self.sampler.sample(self.cfg.batch_size, num_updates, self._seed())
+            if self.ensemble.device.type == "cuda":  # copied while the batch is evaluated
+                batches = self.ensemble.to_device(batches)
+            self._staged = batches
             return num_updates
         return 0
 

@@ -125,10 +125,20 @@ class TD3Ensemble:
     # -- training ----------------------------------------------------------
 
     def _to(self, a) -> torch.Tensor:
+        if isinstance(a, torch.Tensor):  # already moved (see to_device)
+            return a.to(self.device, torch.float32)
         a = np.asarray(a, dtype=np.float32)
         if not a.flags.writeable:  # e.g. zero-copy arrays from Ray's object store
             a = a.copy()
+        if self.device.type == "cuda":
+            # Pinned host memory and an asynchronous copy: the host does not wait.
+            return torch.from_numpy(a).pin_memory().to(self.device, non_blocking=True)
         return torch.as_tensor(a, device=self.device)
+
+    def to_device(self, batches: dict) -> dict:
+        """Moves sampled batches to this ensemble's device ahead of use, in one
+        (asynchronous, on a GPU) copy per array; :meth:`train` takes the result."""
+        return {k: self._to(v) for k, v in batches.items()}
 
     def _q(self, net: StackedMLP, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
         """obs/act ``(E, B, .)`` -> Q ``(E, 2, B)`` (both twins)."""
@@ -139,6 +149,11 @@ class TD3Ensemble:
 
     def train_step(self, batch: dict) -> dict:
         """One TD3 update of every agent on one batch (arrays ``(B, ...)``)."""
+        out = self._train_step(batch)
+        return {k: v.detach().cpu().numpy() for k, v in out.items()}
+
+    def _train_step(self, batch: dict) -> dict:
+        """One update; the losses stay on the device (no host synchronization)."""
         cfg = self.cfg
         e = self.num_agents
         obs = self._to(batch["obs"]).unsqueeze(0).expand(e, -1, -1)
@@ -162,7 +177,7 @@ class TD3Ensemble:
         per_agent.sum().backward()
         self.critic_opt.step()
         self.updates += 1
-        out = {"critic_loss": per_agent.detach().cpu().numpy()}
+        out = {"critic_loss": per_agent.detach()}
         if self.updates % cfg.policy_delay == 0:
             pi = self.actor(obs)
             x = torch.cat([obs, pi], dim=-1)
@@ -172,7 +187,7 @@ class TD3Ensemble:
             actor_agent.sum().backward()
             self.actor_opt.step()
             self._soft_update()
-            out["actor_loss"] = actor_agent.detach().cpu().numpy()
+            out["actor_loss"] = actor_agent.detach()
         return out
 
     @torch.no_grad()
@@ -205,12 +220,16 @@ class TD3Ensemble:
         number of updates done.
         """
         n = len(batches["obs"])
+        dev = self.to_device(batches)  # one copy per array, not one per update
         critic, actor = [], []
         for i in range(n):
-            out = self.train_step({k: v[i] for k, v in batches.items()})
+            out = self._train_step({k: v[i] for k, v in dev.items()})
             critic.append(out["critic_loss"])
             if "actor_loss" in out:
                 actor.append(out["actor_loss"])
+        # One device-to-host copy for all the losses.
+        critic = list(torch.stack(critic).cpu().numpy()) if critic else []
+        actor = list(torch.stack(actor).cpu().numpy()) if actor else []
         return {
             "critic_loss": np.mean(critic, axis=0) if critic else np.full(self.num_agents, np.nan),
             "actor_loss": np.mean(actor, axis=0) if actor else np.full(self.num_agents, np.nan),

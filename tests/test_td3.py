@@ -522,3 +522,23 @@ def test_same_seed_same_ensemble_other_seed_other_ensemble():
     pa, pb, pc = all_params(a), all_params(b), all_params(c)
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
     assert not any(torch.equal(pa[k], pc[k]) for k in pa if "weights" in k)
+
+
+def test_batches_moved_ahead_train_like_host_arrays_and_one_step_at_a_time():
+    """train() moves all its batches to the device in one copy per array and keeps
+    the losses there until the end; moving them ahead (to_device, as a learner
+    does with staged batches on a GPU) or updating one batch at a time gives the
+    same agents and losses."""
+    rng = np.random.default_rng(11)
+    batches = stack_batches([make_batch(rng) for _ in range(6)])
+    a, b, c = (TD3Ensemble(make_spec(), NUM_OBJ, make_cfg(), seed=3) for _ in range(3))
+    out_a = a.train(batches)
+    out_b = b.train(b.to_device(batches))
+    steps = [c.train_step({k: v[i] for k, v in batches.items()}) for i in range(6)]
+    for name, pa in all_params(a).items():
+        assert torch.equal(pa, all_params(b)[name]) and torch.equal(pa, all_params(c)[name])
+    np.testing.assert_array_equal(out_a["critic_loss"], out_b["critic_loss"])
+    np.testing.assert_array_equal(out_a["critic_loss"],
+                                  np.mean([s["critic_loss"] for s in steps], axis=0))
+    assert out_a["updates"] == 6 and isinstance(steps[0]["critic_loss"], np.ndarray)
+    assert a.updates == b.updates == c.updates == 6
