@@ -101,7 +101,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                     updates=args.updates, repeats=args.repeats,
                     genomes=tuple(args.genomes), states=tuple(args.states),
                     threads=args.threads, compare_previous=not args.no_previous,
-                    json_path=args.json)
+                    compile_step=args.compile, json_path=args.json)
         return 0
     if args.bench == "rollout":
         from dqd_ray.bench import rollout
@@ -116,7 +116,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         iteration.run(preset=args.preset, env_id=args.env, iterations=args.iterations,
                       sets=args.set, workers=tuple(args.workers),
                       episode_steps=args.episode_steps, learner_json=args.learner_json,
-                      json_path=args.json)
+                      assume_updates_per_s=args.assume_updates_per_s,
+                      assume_jacobian_s=args.assume_jacobian_s, json_path=args.json)
         return 0
     if args.bench == "faults":
         from dqd_ray.bench import faults
@@ -223,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="torch intra-op threads (0: torch's default)")
     b_lrn.add_argument("--no-previous", action="store_true",
                        help="skip the previous jacobian method (the slow comparison)")
+    b_lrn.add_argument("--compile", action="store_true",
+                       help="also time the ensemble with torch.compile'd losses (td3.compile)")
     b_lrn.add_argument("--json", default=None)
     b_rol = bsub.add_parser(
         "rollout", help="the rollout path (env, policy, recording, resets) vs a bare "
@@ -249,6 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="steps per episode in the projection (1000: every episode full)")
     b_it.add_argument("--learner-json", default=None,
                       help="learner figures from `dqd-ray bench learner --json` (e.g. a GPU)")
+    b_it.add_argument("--assume-updates-per-s", type=float, default=None,
+                      help="projection what-if: the learner's critic updates per second")
+    b_it.add_argument("--assume-jacobian-s", type=float, default=None,
+                      help="projection what-if: seconds of one gradient jacobian")
     b_it.add_argument("--json", default=None)
     b_flt = bsub.add_parser(
         "faults", help="node loss, driver SIGKILL and checkpoint crashes on a local "

@@ -215,6 +215,10 @@ class TD3Config(_Strict):
     learning_starts: int = Field(
         256, ge=0, description="Transitions in the buffer before critics train."
     )
+    compile: bool = Field(
+        False, description="torch.compile the update's critic and actor losses (forward "
+        "and backward); measure it first with `dqd-ray bench learner --compile`."
+    )
 
 
 class ESConfig(_Strict):

@@ -121,6 +121,10 @@ class TD3Ensemble:
         self.noise_gens = [torch.Generator(device=self.device).manual_seed(s)
                            for s in noise_seeds]
         self.updates = 0
+        self._critic_loss, self._actor_loss = self._critic_loss_eager, self._actor_loss_eager
+        if getattr(cfg, "compile", False):
+            self._critic_loss = torch.compile(self._critic_loss_eager, dynamic=False)
+            self._actor_loss = torch.compile(self._actor_loss_eager, dynamic=False)
 
     # -- training ----------------------------------------------------------
 
@@ -161,34 +165,46 @@ class TD3Ensemble:
         nxt = self._to(batch["next_obs"]).unsqueeze(0).expand(e, -1, -1)
         rew = self._to(batch["reward"])[:, self.objectives].T  # (E, B)
         not_done = 1.0 - self._to(batch["terminated"]).unsqueeze(0)  # (1, B)
-        with torch.no_grad():
-            next_act = self.actor_target(nxt)
-            if cfg.target_noise > 0:
-                noise = torch.stack([
-                    torch.randn(next_act.shape[1:], generator=g, device=self.device)
-                    for g in self.noise_gens])
-                noise = (noise * cfg.target_noise).clamp(-cfg.noise_clip, cfg.noise_clip)
-                next_act = (next_act + noise).clamp(-1.0, 1.0)
-            q_next = self._q(self.critic_target, nxt, next_act).min(dim=1).values  # (E, B)
-            target = rew + cfg.gamma * not_done * q_next
-        q = self._q(self.critic, obs, act)  # (E, 2, B)
-        per_agent = ((q - target.unsqueeze(1)) ** 2).mean(dim=2).sum(dim=1)  # (E,)
+        noise = None
+        if cfg.target_noise > 0:  # drawn outside the (maybe compiled) loss: own streams
+            shape = (obs.shape[1], self.spec.act_dim)
+            noise = torch.stack([torch.randn(shape, generator=g, device=self.device)
+                                 for g in self.noise_gens])
+            noise = (noise * cfg.target_noise).clamp(-cfg.noise_clip, cfg.noise_clip)
+        per_agent = self._critic_loss(obs, act, nxt, rew, not_done, noise)  # (E,)
         self.critic_opt.zero_grad(set_to_none=True)
         per_agent.sum().backward()
         self.critic_opt.step()
         self.updates += 1
         out = {"critic_loss": per_agent.detach()}
         if self.updates % cfg.policy_delay == 0:
-            pi = self.actor(obs)
-            x = torch.cat([obs, pi], dim=-1)
-            q1 = self.critic(x, select=slice(0, 2 * e, 2)).squeeze(-1)  # (E, B)
-            actor_agent = -q1.mean(dim=1)
+            actor_agent = self._actor_loss(obs)
             self.actor_opt.zero_grad(set_to_none=True)
             actor_agent.sum().backward()
             self.actor_opt.step()
             self._soft_update()
             out["actor_loss"] = actor_agent.detach()
         return out
+
+    def _critic_loss_eager(self, obs, act, nxt, rew, not_done, noise) -> torch.Tensor:
+        """Each agent's twin-critic TD loss ``(E,)``; ``noise`` is the clipped
+        target-policy smoothing noise (None: none)."""
+        with torch.no_grad():
+            next_act = self.actor_target(nxt)
+            if noise is not None:
+                next_act = (next_act + noise).clamp(-1.0, 1.0)
+            q_next = self._q(self.critic_target, nxt, next_act).min(dim=1).values  # (E, B)
+            target = rew + self.cfg.gamma * not_done * q_next
+        q = self._q(self.critic, obs, act)  # (E, 2, B)
+        return ((q - target.unsqueeze(1)) ** 2).mean(dim=2).sum(dim=1)
+
+    def _actor_loss_eager(self, obs) -> torch.Tensor:
+        """Each agent's actor loss ``(E,)``: minus its Q1 at its own actions."""
+        e = self.num_agents
+        pi = self.actor(obs)
+        x = torch.cat([obs, pi], dim=-1)
+        q1 = self.critic(x, select=slice(0, 2 * e, 2)).squeeze(-1)  # (E, B)
+        return -q1.mean(dim=1)
 
     @torch.no_grad()
     def td_loss(self, batch: dict) -> np.ndarray:

@@ -22,6 +22,8 @@ core (``episode_steps`` / measured env steps per second per core), t_jac and
 t_train the learner's jacobian and critic-update times (measured here, or taken
 from a ``dqd-ray bench learner --json`` file, e.g. one made on a GPU), t_coord
 the coordinator's measured time, t_ckpt / C the checkpoint cost per iteration.
+``--assume-updates-per-s`` and ``--assume-jacobian-s`` replace the learner's
+figures with assumed ones (a what-if, labelled as such in the output).
 ``episode_steps`` is 1000 (the cap: every episode runs to the time limit) unless
 given; the measured mean is printed next to it.
 """
@@ -62,6 +64,7 @@ def _learner_figures(path: str | None, updates: int, states: int) -> dict | None
 def run(preset: str = "cma_mega_td3_es", env_id: str = "QDAntBulletEnv-v0",
         iterations: int = 4, sets: list[str] | None = None, workers: tuple[int, ...] = (100,),
         episode_steps: int = 1000, learner_json: str | None = None,
+        assume_updates_per_s: float | None = None, assume_jacobian_s: float | None = None,
         json_path: str | None = None) -> dict[str, Any]:
     import ray
 
@@ -160,6 +163,12 @@ def run(preset: str = "cma_mega_td3_es", env_id: str = "QDAntBulletEnv-v0",
     lf = _learner_figures(learner_json, updates, cfg.td3.jacobian_states)
     if lf:
         inputs.update(t_train=lf["t_train"], t_jac=lf["t_jac"], learner_source=lf["source"])
+    if assume_updates_per_s:
+        inputs["t_train"] = updates / assume_updates_per_s
+        inputs["learner_source"] = f"assumed: {assume_updates_per_s:g} updates/s"
+    if assume_jacobian_s is not None:
+        inputs["t_jac"] = assume_jacobian_s
+        inputs["learner_source"] += f", assumed jacobian {assume_jacobian_s:g} s"
     t_ep = episode_steps / sps_core
     inputs["t_ep"] = t_ep
     projections = []

@@ -79,7 +79,8 @@ def _time(fn, device: torch.device, repeats: int) -> list[float]:
 def run(device: str = "cpu", env_id: str = "QDAntBulletEnv-v0", batch_size: int = 256,
         updates: int = 100, repeats: int = 3, genomes: tuple[int, ...] = (1, 8),
         states: tuple[int, ...] = (256, 4096, 65536), threads: int | None = 1,
-        compare_previous: bool = True, json_path: str | None = None) -> dict[str, Any]:
+        compare_previous: bool = True, compile_step: bool = False,
+        json_path: str | None = None) -> dict[str, Any]:
     """Runs the bench; prints two tables and returns (and optionally writes) the figures."""
     from dqd_ray.config import PolicyConfig, TD3Config
     from dqd_ray.envs import env_metadata
@@ -115,11 +116,21 @@ def run(device: str = "cpu", env_id: str = "QDAntBulletEnv-v0", batch_size: int 
     ens.train(one)  # warm-up (allocations, lazy init)
     for agent in agents:
         agent.train(one)
-    # Interleaved repeats: both see the same machine load.
-    t_ens, t_seq = [], []
+    compiled = None
+    if compile_step:  # the same ensemble with torch.compile'd losses
+        compiled = TD3Ensemble(spec, k1, cfg.model_copy(update={"compile": True}),
+                               device=device, seed=0)
+        t0 = time.perf_counter()
+        compiled.train({k: v[:2] for k, v in batches.items()})  # compiles both losses
+        compile_s = time.perf_counter() - t0
+
+    # Interleaved repeats: all see the same machine load.
+    t_ens, t_seq, t_cmp = [], [], []
     for _ in range(repeats):
         t_ens += _time(train_ensemble, dev, 1)
         t_seq += _time(train_sequential, dev, 1)
+        if compiled is not None:
+            t_cmp += _time(lambda: compiled.train(batches), dev, 1)
     ens_rate = updates / statistics.median(t_ens)
     seq_rate = updates / statistics.median(t_seq)
     updates_row = {
@@ -127,11 +138,17 @@ def run(device: str = "cpu", env_id: str = "QDAntBulletEnv-v0", batch_size: int 
         "ensemble_updates_per_s": ens_rate, "sequential_updates_per_s": seq_rate,
         "ratio": ens_rate / seq_rate, "single_agent_updates_per_s": seq_rate * k1,
     }
+    if compiled is not None:
+        updates_row["compiled_updates_per_s"] = updates / statistics.median(t_cmp)
+        updates_row["compiled_vs_eager"] = updates_row["compiled_updates_per_s"] / ens_rate
+        updates_row["compile_s"] = compile_s
     print(f"TD3 updates ({k1} agents, batch {batch_size}, {updates} updates, "
           f"median of {repeats}, torch threads {torch.get_num_threads()}):")
     print_table([updates_row], ["device", "agents", "batch", "ensemble_updates_per_s",
                                 "sequential_updates_per_s", "ratio",
-                                "single_agent_updates_per_s"])
+                                "single_agent_updates_per_s"]
+                + (["compiled_updates_per_s", "compiled_vs_eager", "compile_s"]
+                   if compiled is not None else []))
 
     jac_rows = []
     genome_rng = np.random.default_rng(1)
