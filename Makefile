@@ -32,6 +32,9 @@ bench: $(STAMP)
 	$(BIN)/dqd-ray bench envs --json runs/bench_envs.json
 	$(BIN)/dqd-ray bench system --json runs/bench_system.json
 	$(BIN)/dqd-ray bench sphere --json runs/bench_sphere.json
+	$(BIN)/dqd-ray bench rollout --json runs/bench_rollout.json
+	$(BIN)/dqd-ray bench learner --json runs/bench_learner.json
+	$(BIN)/dqd-ray bench iteration --json runs/bench_iteration.json
 
 # Mutation testing of the core modules against the fast test tier (see README).
 mutation: $(STAMP)
