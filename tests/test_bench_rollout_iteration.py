@@ -27,7 +27,11 @@ def test_bench_rollout_writes_ratios_and_the_time_split(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_bench_iteration_times_each_phase_and_projects_a_paper_run(tmp_path, capsys):
+def test_bench_iteration_times_each_phase_and_projects_a_paper_run(ray_session, tmp_path,
+                                                                   capsys):
+    # On the session's Ray (the bench joins a Ray already up): a Ray the bench
+    # started itself would outlive it with this machine's CPUs, too few for
+    # the tests after it.
     out = tmp_path / "iteration.json"
     sets = ["algorithm.batch_size=6", "es.num_samples=6", "td3.train_steps_per_iteration=10",
             "td3.jacobian_states=256", "env.episode_length=40", "td3.learning_starts=50",
