@@ -291,10 +291,7 @@ class Learner:
     def state_dict(self) -> dict:
         """The ensemble's state with every tensor on the CPU: it travels to the
         driver and the coordinator, which may run on nodes without a GPU."""
-        with self._lock:
-            state = _to_cpu(self.ensemble.state_dict())
-        state["sample_rng"] = self.rng.bit_generator.state
-        return state
+        return self.snapshot()[0]
 
     def load_state_dict(self, state: dict) -> None:
         state = dict(state)

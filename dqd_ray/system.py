@@ -679,21 +679,38 @@ def _started_here() -> bool:
         return False
 
 
-def graph_needs(cfg: ExperimentConfig, n_workers: int, gpus: float) -> dict[str, float]:
-    """The Ray resources the whole graph asks for (the sum over its actors)."""
+def actor_bundles(cfg: ExperimentConfig, n_workers: int,
+                  gpus: float) -> tuple[list[dict], list[dict]]:
+    """The resources each rollout worker and each learner actor asks for
+    (``gpus`` per learner: 0 means CPU learners)."""
     r = cfg.resources
     objs = learner_objectives(cfg)
     n_learners = len(split_objectives(objs, r.num_learners)) if objs else 0
-    need = {"CPU": n_workers * r.cpus_per_worker
-            + (0.0 if gpus > 0 else n_learners * r.cpus_per_learner)}
-    if gpus > 0 and n_learners:
-        need["GPU"] = gpus * n_learners
+    worker = {"CPU": float(r.cpus_per_worker)}
     if r.rollout_resource:
-        need[r.rollout_resource] = need.get(r.rollout_resource, 0.0) + n_workers * r.cpus_per_worker
-    if r.learner_resource and n_learners:
-        need[r.learner_resource] = need.get(r.learner_resource, 0.0) + n_learners
-    if r.replay_resource:
-        need[r.replay_resource] = need.get(r.replay_resource, 0.0) + 1
+        worker[r.rollout_resource] = float(r.cpus_per_worker)
+    learner = {"GPU": float(gpus)} if gpus > 0 else {"CPU": float(r.cpus_per_learner)}
+    if r.learner_resource:
+        learner[r.learner_resource] = 1.0
+    return [dict(worker) for _ in range(n_workers)], [dict(learner) for _ in range(n_learners)]
+
+
+def graph_bundles(cfg: ExperimentConfig, n_workers: int, gpus: float) -> list[dict]:
+    """One resource bundle per actor of the graph that asks for resources (what
+    the autoscaler must find room for, node by node)."""
+    workers, learners = actor_bundles(cfg, n_workers, gpus)
+    bundles = [*workers, *learners]
+    if cfg.resources.replay_resource:
+        bundles.append({cfg.resources.replay_resource: 1.0})
+    return [{k: v for k, v in b.items() if v > 0} for b in bundles]
+
+
+def graph_needs(cfg: ExperimentConfig, n_workers: int, gpus: float) -> dict[str, float]:
+    """The Ray resources the whole graph asks for (the sum over its actors)."""
+    need = {"CPU": 0.0}
+    for bundle in graph_bundles(cfg, n_workers, gpus):
+        for k, v in bundle.items():
+            need[k] = need.get(k, 0.0) + v
     return need
 
 
@@ -786,24 +803,6 @@ def resolve_resources(cfg: ExperimentConfig, placement: str = "ray") -> tuple[in
         raise ResourceError(_describe(missing, f"the cluster (after waiting "
                                       f"{r.wait_for_resources_s:g} s)", n, cfg))
     return n, gpus
-
-
-def graph_bundles(cfg: ExperimentConfig, n_workers: int, gpus: float) -> list[dict]:
-    """One resource bundle per actor of the graph that asks for resources (what
-    the autoscaler must find room for, node by node)."""
-    r = cfg.resources
-    objs = learner_objectives(cfg)
-    n_learners = len(split_objectives(objs, r.num_learners)) if objs else 0
-    worker = {"CPU": r.cpus_per_worker}
-    if r.rollout_resource:
-        worker[r.rollout_resource] = r.cpus_per_worker
-    learner = {"GPU": gpus} if gpus > 0 else {"CPU": r.cpus_per_learner}
-    if r.learner_resource:
-        learner[r.learner_resource] = 1
-    bundles = [dict(worker) for _ in range(n_workers)] + [dict(learner) for _ in range(n_learners)]
-    if r.replay_resource:
-        bundles.append({r.replay_resource: 1})
-    return [{k: v for k, v in b.items() if v > 0} for b in bundles]
 
 
 def _request_from_autoscaler(bundles: list[dict]) -> None:

@@ -7,7 +7,8 @@ j-th reward column of the shared batches. Agents never share parameters, and
 Adam acts elementwise, so the ensemble is exactly k+1 independent TD3 agents.
 
 ``jacobian`` returns d/dtheta mean_s Q_j(s, pi_theta(s)) for every objective j
-and every genome theta, uphill, in one batched backward pass.
+and every genome theta, uphill: one backward pass through the critics to
+their action inputs, then batched vector-jacobian products through the policy.
 
 Each agent's initial weights and target-smoothing noise come from its own
 random stream, seeded by (seed, objective): an ensemble of all objectives and
@@ -156,15 +157,21 @@ class TD3Ensemble:
         out = self._train_step(batch)
         return {k: v.detach().cpu().numpy() for k, v in out.items()}
 
-    def _train_step(self, batch: dict) -> dict:
-        """One update; the losses stay on the device (no host synchronization)."""
-        cfg = self.cfg
+    def _batch_tensors(self, batch: dict):
+        """obs, action, next obs ``(E, B, .)``, this ensemble's rewards ``(E, B)``
+        and not-done ``(1, B)``, on the device."""
         e = self.num_agents
         obs = self._to(batch["obs"]).unsqueeze(0).expand(e, -1, -1)
         act = self._to(batch["action"]).unsqueeze(0).expand(e, -1, -1)
         nxt = self._to(batch["next_obs"]).unsqueeze(0).expand(e, -1, -1)
-        rew = self._to(batch["reward"])[:, self.objectives].T  # (E, B)
-        not_done = 1.0 - self._to(batch["terminated"]).unsqueeze(0)  # (1, B)
+        rew = self._to(batch["reward"])[:, self.objectives].T
+        not_done = 1.0 - self._to(batch["terminated"]).unsqueeze(0)
+        return obs, act, nxt, rew, not_done
+
+    def _train_step(self, batch: dict) -> dict:
+        """One update; the losses stay on the device (no host synchronization)."""
+        cfg = self.cfg
+        obs, act, nxt, rew, not_done = self._batch_tensors(batch)
         noise = None
         if cfg.target_noise > 0:  # drawn outside the (maybe compiled) loss: own streams
             shape = (obs.shape[1], self.spec.act_dim)
@@ -211,16 +218,7 @@ class TD3Ensemble:
         """Each agent's twin-critic TD loss on one batch, without updating anything
         and without target-policy noise (no random stream is touched): a probe
         of the critics' weights, e.g. before a failure and after a restore."""
-        e = self.num_agents
-        obs = self._to(batch["obs"]).unsqueeze(0).expand(e, -1, -1)
-        act = self._to(batch["action"]).unsqueeze(0).expand(e, -1, -1)
-        nxt = self._to(batch["next_obs"]).unsqueeze(0).expand(e, -1, -1)
-        rew = self._to(batch["reward"])[:, self.objectives].T
-        not_done = 1.0 - self._to(batch["terminated"]).unsqueeze(0)
-        q_next = self._q(self.critic_target, nxt, self.actor_target(nxt)).min(dim=1).values
-        target = rew + self.cfg.gamma * not_done * q_next
-        q = self._q(self.critic, obs, act)
-        return ((q - target.unsqueeze(1)) ** 2).mean(dim=2).sum(dim=1).cpu().numpy()
+        return self._critic_loss_eager(*self._batch_tensors(batch), None).cpu().numpy()
 
     @torch.no_grad()
     def _soft_update(self) -> None:

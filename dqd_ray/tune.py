@@ -467,23 +467,14 @@ def trial_bundles(cfg: ExperimentConfig, driver_cpus: float = 1.0) -> list[dict[
     custom resource, if any), then one per rollout worker, then one per
     learner (GPUs in the learner bundles). Each actor of the trial asks for
     exactly one bundle's resources."""
-    from dqd_ray.system import learner_objectives, split_objectives
+    from dqd_ray.system import actor_bundles
 
     r = cfg.resources
-    objs = learner_objectives(cfg)
-    n_learners = len(split_objectives(objs, r.num_learners)) if objs else 0
     head = {"CPU": float(driver_cpus)} if driver_cpus else {}
     if r.replay_resource:  # the replay buffer lives in the trial's own bundle
         head[r.replay_resource] = 1.0
-    worker = {"CPU": float(r.cpus_per_worker)}
-    if r.rollout_resource:
-        worker[r.rollout_resource] = float(r.cpus_per_worker)
-    workers = [dict(worker) for _ in range(r.num_rollout_workers or 1)]
-    learner = ({"GPU": float(r.num_gpus_per_learner)} if r.num_gpus_per_learner > 0
-               else {"CPU": float(r.cpus_per_learner)})
-    if r.learner_resource:
-        learner[r.learner_resource] = 1.0
-    return [head, *workers, *[dict(learner) for _ in range(n_learners)]]
+    workers, learners = actor_bundles(cfg, r.num_rollout_workers or 1, r.num_gpus_per_learner)
+    return [head, *workers, *learners]
 
 
 def _total(bundles: list[dict]) -> dict[str, float]:
