@@ -74,6 +74,49 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     return 1 if summary.get("errors") else 0
 
 
+def _cmd_show(args: argparse.Namespace) -> int:
+    from dqd_ray import show
+
+    show.run(args.run_dirs, out=args.out)
+    return 0
+
+
+def _cmd_render(args: argparse.Namespace) -> int:
+    from dqd_ray.results import render_elite
+
+    measures = None
+    if args.measures:
+        try:
+            measures = [float(v) for v in args.measures.split(",")]
+        except ValueError:
+            print(f"error: --measures takes comma-separated numbers, got {args.measures!r}",
+                  file=sys.stderr)
+            return 2
+    try:
+        r = render_elite(args.run_dir, elite=args.elite, measures=measures, out=args.out,
+                         steps=args.steps, seed=args.seed, frame_every=args.frame_every)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"elite row {r['row']} (cell {r['index']}), env seed {r['seed']}")
+    print(f"  archived:     fitness {r['archived_fitness']:10.3f}  measures "
+          f"{np.round(r['archived_measures'], 4).tolist()}")
+    print(f"  re-evaluated: fitness {r['fitness']:10.3f}  measures "
+          f"{np.round(r['measures'], 4).tolist()}")
+    print(f"wrote {r['gif']} ({r['frames']} frames)")
+    return 0
+
+
+def _cmd_robustness(args: argparse.Namespace) -> int:
+    from dqd_ray import show
+
+    show.robustness_command(args.run_dir, episodes=args.episodes, out=args.out,
+                            own_seeds=args.own_seeds, seed=args.seed,
+                            local_inprocess=args.local_inprocess, address=args.address,
+                            num_cpus=args.num_cpus)
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     if args.bench == "envs":
         from dqd_ray.bench import envs
@@ -118,6 +161,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                       episode_steps=args.episode_steps, learner_json=args.learner_json,
                       assume_updates_per_s=args.assume_updates_per_s,
                       assume_jacobian_s=args.assume_jacobian_s, json_path=args.json)
+        return 0
+    if args.bench == "quality":
+        from dqd_ray.bench import quality
+
+        quality.run(env_ids=tuple(args.env) or ("QDAntBulletEnv-v0",),
+                    presets=tuple(args.presets), evaluations=args.evaluations,
+                    seeds=tuple(args.seeds), sets=args.set, out=args.out,
+                    json_path=args.json, robustness_episodes=args.robustness_episodes,
+                    num_cpus=args.num_cpus)
         return 0
     if args.bench == "faults":
         from dqd_ray.bench import faults
@@ -189,6 +241,43 @@ def build_parser() -> argparse.ArgumentParser:
                       help="validate, print each trial's resource bundles, and stop")
     tune.set_defaults(func=_cmd_tune)
 
+    show = sub.add_parser("show", help="summary table, archive heatmaps and QD curves of runs")
+    show.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    show.add_argument("--out", default=None,
+                      help="where the PNGs and tables go (default: RUN_DIR/show for one run, "
+                      "runs/show_<stamp> for several)")
+    show.set_defaults(func=_cmd_show)
+
+    render = sub.add_parser("render", help="a GIF of an elite, re-run headless in its env")
+    render.add_argument("run_dir", metavar="RUN_DIR")
+    render.add_argument("--elite", default="best",
+                        help="best, random or a row index of the archive (default: best)")
+    render.add_argument("--measures", default=None, metavar="M1,M2,...",
+                        help="the elite nearest these measures (instead of --elite)")
+    render.add_argument("--out", default=None, help="GIF path (default: RUN_DIR/elite_ROW.gif)")
+    render.add_argument("--steps", type=int, default=None,
+                        help="episode steps (default: the run's episode length)")
+    render.add_argument("--seed", type=int, default=None,
+                        help="env seed (default: the seed the elite was archived with)")
+    render.add_argument("--frame-every", type=int, default=2, help="steps per GIF frame")
+    render.set_defaults(func=_cmd_render)
+
+    robust = sub.add_parser(
+        "robustness", help="re-evaluate every elite with new seeds: mean elite robustness")
+    robust.add_argument("run_dir", metavar="RUN_DIR")
+    robust.add_argument("--episodes", type=int, default=10, help="new-seed episodes per elite")
+    robust.add_argument("--own-seeds", action="store_true",
+                        help="one episode per elite with its archived seed (a check: gives 0)")
+    robust.add_argument("--seed", type=int, default=12345, help="seed of the new env seeds")
+    robust.add_argument("--out", default=None,
+                        help="directory for robustness.json/.png (default: RUN_DIR)")
+    robust.add_argument("--address", default=None,
+                        help="join this Ray cluster (default: RAY_ADDRESS, else a local Ray)")
+    robust.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray")
+    robust.add_argument("--local-inprocess", action="store_true",
+                        help="evaluate in this process, without Ray")
+    robust.set_defaults(func=_cmd_robustness)
+
     bench = sub.add_parser("bench", help="benchmarks that print a table and write JSON")
     bsub = bench.add_subparsers(dest="bench", required=True)
     b_envs = bsub.add_parser("envs", help="env steps/s vs a bare pybullet loop")
@@ -257,6 +346,23 @@ def build_parser() -> argparse.ArgumentParser:
     b_it.add_argument("--assume-jacobian-s", type=float, default=None,
                       help="projection what-if: seconds of one gradient jacobian")
     b_it.add_argument("--json", default=None)
+    b_q = bsub.add_parser(
+        "quality", help="presets at one evaluation budget and seeds: QD score, coverage, "
+        "best fitness and robustness (mean and spread over seeds), and the curves")
+    b_q.add_argument("--env", action="append", default=[],
+                     help="an env id (repeatable; default: QD Ant)")
+    b_q.add_argument("--presets", nargs="+",
+                     default=["cma_mega_es", "cma_mega_td3_es", "pga_me", "me_es", "map_elites"])
+    b_q.add_argument("--evaluations", type=int, default=20000,
+                     help="evaluation budget of every run")
+    b_q.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    b_q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="config override for every run (e.g. env.episode_length=200)")
+    b_q.add_argument("--robustness-episodes", type=int, default=10,
+                     help="new-seed episodes per elite of each final archive (0: skip)")
+    b_q.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray")
+    b_q.add_argument("--out", default=None, help="work directory (default: runs/quality_<stamp>)")
+    b_q.add_argument("--json", default=None)
     b_flt = bsub.add_parser(
         "faults", help="node loss, driver SIGKILL and checkpoint crashes on a local "
         "multi-node Ray cluster; reports what survived")

@@ -179,13 +179,51 @@ class MapElitesConfig(_AlgorithmBase):
     batch_size: int = Field(100, gt=0, description="Solutions per iteration.")
 
 
+class MEESConfig(_AlgorithmBase):
+    """ME-ES, explore-exploit (Colas et al. 2020), with the official CMA-MEGA code's
+    "mees_damage" settings as defaults (see :mod:`dqd_ray.algorithms.me_es`)."""
+
+    name: Literal["me_es"] = "me_es"
+    num_pairs: int = Field(
+        100, gt=0, description="Mirrored perturbation pairs per iteration: 2x this many "
+        "evaluations (official: 100 workers x batch 1)."
+    )
+    noise_std: float = Field(0.02, gt=0, description="Std of the parameter perturbations.")
+    learning_rate: float = Field(0.01, gt=0, description="Adam learning rate of the ES step.")
+    l2_coeff: float = Field(0.005, ge=0, description="L2 coefficient added to the ES gradient.")
+    consecutive_steps: int = Field(
+        10, gt=0, description="ES steps from one starting cell before a new cell is drawn."
+    )
+    novelty_k: int = Field(10, gt=0, description="Nearest neighbours of the novelty score.")
+    mode: Literal["explore_exploit", "explore", "exploit"] = Field(
+        "explore_exploit", description="Alternate novelty and return runs (robin), or only one."
+    )
+    explore_strategy: Literal["novelty_bias", "best_or_uniform", "uniform"] = Field(
+        "novelty_bias", description="Starting cell of an explore run (official: novelty_bias)."
+    )
+    exploit_strategy: Literal["best2inlast5_or_best", "best_or_uniform", "uniform"] = Field(
+        "best2inlast5_or_best", description="Starting cell of an exploit run (official: "
+        "best2inlast5_or_best)."
+    )
+    action_noise: float = Field(
+        0.01, ge=0, description="Gaussian action noise while evaluating the perturbations "
+        "(none for the evaluation that is inserted)."
+    )
+    obs_norm: bool = Field(True, description="Normalize observations by running statistics.")
+    obs_collect_prob: float = Field(
+        0.001, ge=0, le=1, description="Probability that a negative-direction episode's "
+        "observations join the statistics (official: 0.001)."
+    )
+    eval_episodes: int = Field(1, gt=0, description="Episodes of the new theta (mean inserted).")
+
+
 ALGORITHM_CONFIGS: dict[str, type[_AlgorithmBase]] = {
     c.model_fields["name"].default: c
-    for c in (CMAMEGAConfig, CMAMAEGAConfig, PGAMEConfig, MapElitesConfig)
+    for c in (CMAMEGAConfig, CMAMAEGAConfig, PGAMEConfig, MapElitesConfig, MEESConfig)
 }
 AlgorithmConfig = CMAMEGAConfig  # the default algorithm's settings
 AnyAlgorithmConfig = Annotated[
-    Union[CMAMEGAConfig, CMAMAEGAConfig, PGAMEConfig, MapElitesConfig],
+    Union[CMAMEGAConfig, CMAMAEGAConfig, PGAMEConfig, MapElitesConfig, MEESConfig],
     Field(discriminator="name"),
 ]
 
@@ -295,6 +333,14 @@ class LoggingConfig(_Strict):
         "what is left stays on disk for `wandb sync`."
     )
     progress_bar: bool = True
+    final_gif: bool = Field(
+        True, description="At the end of a run, replay the best elite and write "
+        "RUN_DIR/best_elite.gif (also to wandb when it is on)."
+    )
+    gif_steps: int | None = Field(
+        None, gt=0, description="Steps of the final GIF's episode (default: env.episode_length)."
+    )
+    gif_frame_every: int = Field(4, gt=0, description="Env steps per frame of the final GIF.")
 
 
 class CheckpointConfig(_Strict):
@@ -402,11 +448,22 @@ PRESETS: dict[str, dict[str, Any]] = {
         "iterations": 10000,
         "algorithm": {"name": "map_elites", "sigma": 0.02, "batch_size": 100},
     }),
+    # The official count, 5000 x 100 x 2 = 1M, leaves out the new theta's episode
+    # of each iteration; ours counts it, so the 1M budget ends at iteration 4975.
+    "me_es": _merge(_PAPER, {
+        "iterations": 5000,
+        "algorithm": {"name": "me_es", "num_pairs": 100, "noise_std": 0.02,
+                      "learning_rate": 0.01, "l2_coeff": 0.005, "consecutive_steps": 10,
+                      "novelty_k": 10, "mode": "explore_exploit",
+                      "explore_strategy": "novelty_bias",
+                      "exploit_strategy": "best2inlast5_or_best", "action_noise": 0.01,
+                      "obs_norm": True, "obs_collect_prob": 0.001, "eval_episodes": 1},
+    }),
     # Our own variants.
     "cma_mega_td3": {"algorithm": {"name": "cma_mega", "gradients": "td3"}},
     "cma_maega_td3": {"algorithm": {"name": "cma_maega", "gradients": "td3"}},
 }
-PAPER_PRESETS = ("cma_mega_td3_es", "cma_mega_es", "pga_me", "map_elites")
+PAPER_PRESETS = ("cma_mega_td3_es", "cma_mega_es", "pga_me", "map_elites", "me_es")
 
 
 class ConfigError(ValueError):

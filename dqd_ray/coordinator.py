@@ -14,6 +14,9 @@ iteration, in sync learner mode:
    actor, ``tell`` the rest, wait for the updates;
 5. robustness of the best elite when due; metrics.
 
+Algorithms whose emitters run their own generation (ME-ES, ``Needs.es_steps``)
+replace steps 2-4 by ``emitter.step(evaluate)``.
+
 Evaluation and gradients go through two small interfaces (see
 :mod:`dqd_ray.system`), so the same coordinator runs in process and as a Ray
 actor. Invalid solutions (non-finite actions, observations, objectives or
@@ -59,6 +62,8 @@ class Coordinator:
         max_fitness: Maximum fitness of the paper's normalized QD score.
         robustness_every: Iterations between robustness measurements (0: never).
         robustness_episodes: New-seed episodes per measurement.
+        policy_first_layer: ``(obs_dim, hidden)`` of the policy genome's first
+            layer (ME-ES folds observation statistics into it).
     """
 
     def __init__(self, *, solution_dim: int, x0: np.ndarray, archive_dims, archive_ranges,
@@ -67,7 +72,8 @@ class Coordinator:
                  exact_jacobian: Callable[[np.ndarray], np.ndarray] | None = None,
                  td3_updates: int = 0, seed: int = 0, dtype=np.float32,
                  max_fitness: float | None = None, robustness_every: int = 0,
-                 robustness_episodes: int = 10):
+                 robustness_episodes: int = 10,
+                 policy_first_layer: tuple[int, int] | None = None):
         self.algorithm = algorithm
         self.module = algorithms.get(algorithm.name)
         self.measure_dim = len(archive_dims)
@@ -96,7 +102,8 @@ class Coordinator:
         sched_seed, eval_seed = ss.spawn(2)
         ctx = BuildContext(solution_dim=solution_dim, x0=np.asarray(x0),
                            archive_dims=list(archive_dims), archive_ranges=self.archive_ranges,
-                           qd_offset=qd_offset, seed_sequence=sched_seed, dtype=dtype)
+                           qd_offset=qd_offset, seed_sequence=sched_seed, dtype=dtype,
+                           policy_first_layer=policy_first_layer)
         self.scheduler = self.module.build_scheduler(algorithm, ctx)
         self.rng = np.random.default_rng(eval_seed)
         self.counters = {k: 0 for k in COUNTERS}
@@ -112,15 +119,17 @@ class Coordinator:
     def result_archive(self):
         return self.scheduler.result_archive
 
-    def _evaluate(self, genomes: np.ndarray, record: bool = True, count: bool = True) -> dict:
+    def _evaluate(self, genomes: np.ndarray, record: bool = True, count: bool = True,
+                  **options) -> dict:
         seeds = self.rng.integers(0, 2**31 - 1, size=len(genomes))
         if record:
-            out = self.evaluator.evaluate(genomes, seeds)
+            out = self.evaluator.evaluate(genomes, seeds, **options)
         else:
-            out = self.evaluator.evaluate(genomes, seeds, record=False)
+            out = self.evaluator.evaluate(genomes, seeds, record=False, **options)
         valid = np.asarray(out["valid"], bool).copy()
         valid &= np.isfinite(out["fitness"]) & np.isfinite(out["measures"]).all(axis=1)
         out["valid"] = valid
+        out["seed"] = seeds  # archived with an elite: its episode can be replayed
         if count:
             self.counters["evaluations"] += len(genomes)
             self.counters["env_steps"] += int(out.get("env_steps", 0))
@@ -239,36 +248,16 @@ class Coordinator:
             metrics["grad_norm_measures"] = float(norms[:, 1:].mean())
             obj, meas = self._finite_data(out)
             sched.valid_mask = out["valid"]
-            sched.tell_dqd(obj, meas, jac)
+            sched.tell_dqd(obj, meas, jac, seed=out["seed"])
 
-        sols = sched.ask()
-        t = time.perf_counter()
-        if needs.pg_variation:
-            sols = self._emitter_requests(sols)
-        batch = sols
-        if self.greedy:
-            batch = np.concatenate([np.asarray(self.learner.greedy_genome())[None], sols])
-        timings["gradient_s"] += time.perf_counter() - t
-        if training is not None:
-            training.start()
-        t = time.perf_counter()
-        out_b = self._evaluate(batch)
-        timings["rollout_s"] += time.perf_counter() - t
-        timings["phase_batch_s"] = time.perf_counter() - t
-        g = 1 if self.greedy else 0
-        if g:
-            metrics.update(self._insert_greedy(batch[:1], out_b))
-        rest = {k: v[g:] if isinstance(v, np.ndarray) else v for k, v in out_b.items()}
-        obj_b, meas_b = self._finite_data(rest)
-        sched.valid_mask = rest["valid"]
-        sched.tell(obj_b, meas_b)
-        sched.valid_mask = None
-        if out_b["valid"].any():
-            metrics["mean_evaluation"] = float(np.mean(out_b["fitness"][out_b["valid"]]))
-        if needs.pg_variation:
+        if needs.es_steps:
+            t = time.perf_counter()
             for emitter in sched.emitters:
-                if len(getattr(emitter, "greedy_rows", ())):
-                    metrics["greedy_fitness"] = float(out_b["fitness"][emitter.greedy_rows[0]])
+                metrics.update(emitter.step(self._evaluate))
+            timings["rollout_s"] += time.perf_counter() - t
+            timings["phase_batch_s"] = time.perf_counter() - t
+        else:
+            self._batch(metrics, timings, training)
 
         train_info: dict = {}
         if training is not None:
@@ -299,12 +288,44 @@ class Coordinator:
         metrics["iteration_s"] = time.perf_counter() - t0
         return metrics
 
+    def _batch(self, metrics: dict, timings: dict, training) -> None:
+        """Steps 3-4: ask, fill emitter requests, evaluate (critics train meanwhile), tell."""
+        sched, needs = self.scheduler, self.needs
+        sols = sched.ask()
+        t = time.perf_counter()
+        if needs.pg_variation:
+            sols = self._emitter_requests(sols)
+        batch = sols
+        if self.greedy:
+            batch = np.concatenate([np.asarray(self.learner.greedy_genome())[None], sols])
+        timings["gradient_s"] += time.perf_counter() - t
+        if training is not None:
+            training.start()
+        t = time.perf_counter()
+        out_b = self._evaluate(batch)
+        timings["rollout_s"] += time.perf_counter() - t
+        timings["phase_batch_s"] = time.perf_counter() - t
+        g = 1 if self.greedy else 0
+        if g:
+            metrics.update(self._insert_greedy(batch[:1], out_b))
+        rest = {k: v[g:] if isinstance(v, np.ndarray) else v for k, v in out_b.items()}
+        obj_b, meas_b = self._finite_data(rest)
+        sched.valid_mask = rest["valid"]
+        sched.tell(obj_b, meas_b, seed=rest["seed"])
+        sched.valid_mask = None
+        if out_b["valid"].any():
+            metrics["mean_evaluation"] = float(np.mean(out_b["fitness"][out_b["valid"]]))
+        if needs.pg_variation:
+            for emitter in sched.emitters:
+                if len(getattr(emitter, "greedy_rows", ())):
+                    metrics["greedy_fitness"] = float(out_b["fitness"][emitter.greedy_rows[0]])
+
     def _insert_greedy(self, genome: np.ndarray, out: dict) -> dict:
         """Inserts the greedy actor (row 0 of ``out``) before the emitters' batch."""
         info = {"greedy_fitness": float(out["fitness"][0])}
         if out["valid"][0]:
             data = dict(solution=genome, objective=out["fitness"][:1],
-                        measures=out["measures"][:1])
+                        measures=out["measures"][:1], seed=out["seed"][:1])
             status = self.archive.add(**data)["status"]
             if self.scheduler._result_archive is not None:
                 self.result_archive.add(**data)

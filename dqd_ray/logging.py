@@ -91,12 +91,14 @@ class WandbSink(Sink):
     """
 
     def __init__(self, run_dir: Path, cfg, run_id: str, dims, names, resume: bool = False,
+                 ranges=None,
                  name: str | None = None, group: str | None = None,
                  extra_config: dict | None = None):
         import wandb
 
         self.wandb = wandb
         self.dims, self.names, self.every = dims, names, cfg.logging.heatmap_every
+        self.ranges = ranges if ranges is not None else cfg.env.resolved_ranges()
         config = cfg.model_dump(mode="json")
         if extra_config:
             config = {**config, **extra_config}
@@ -122,12 +124,23 @@ class WandbSink(Sink):
         if archive is not None and self.wants_archive(it):
             from dqd_ray.viz import heatmap
 
-            fig = heatmap(archive, self.dims, names=self.names, title=f"iteration {it}")
+            fig = heatmap(archive, self.dims, names=self.names, ranges=self.ranges,
+                          title=f"iteration {it}")
             data["archive"] = self.wandb.Image(fig)
             import matplotlib.pyplot as plt
 
             plt.close(fig)
         self.run.log(data, step=it, commit=True)
+
+    def log_media(self, media: dict, iteration: int) -> None:
+        """The end-of-run heatmap and best-elite GIF."""
+        data = {}
+        if "archive" in media:
+            data["final_archive"] = self.wandb.Image(media["archive"])
+        if "best_elite" in media:
+            data["best_elite"] = self.wandb.Video(media["best_elite"], format="gif")
+        if data:
+            self.run.log(data, step=iteration, commit=True)
 
     def close(self) -> None:
         self.run.finish()

@@ -19,6 +19,7 @@ Run directory::
     RUN_DIR/metrics.jsonl     one line per iteration
     RUN_DIR/summary.json      final metrics
     RUN_DIR/archive.png       final heatmap
+    RUN_DIR/best_elite.gif    the best elite, replayed (logging.final_gif)
     RUN_DIR/checkpoints/      ckpt_<iteration>/ (see checkpoint.py)
     RUN_DIR/wandb/            when logging.wandb is on
 """
@@ -33,6 +34,8 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any, Literal, Sequence
+
+import numpy as np
 
 from dqd_ray import checkpoint as ckpt
 from dqd_ray.config import ConfigError, ExperimentConfig, build_config, to_yaml
@@ -345,7 +348,8 @@ class Experiment:
                         print(f"checkpointed iteration {saved_at}; continue with "
                               f"`dqd-ray resume {self.run_dir}`", flush=True)
                     # After a hard stop the roles may be mid-iteration: no archive plot.
-                    summary = self._summary(system, last, interrupted, plot=not hard_stop)
+                    summary = self._summary(system, last, interrupted, plot=not hard_stop,
+                                            sinks=sinks)
                 finally:
                     for s in sinks:
                         s.close()
@@ -386,20 +390,45 @@ class Experiment:
             **({"td3_lr": now["td3_lr"]} if "td3_lr" in now else {}),
         }
 
-    def _summary(self, system, last: dict | None, interrupted: bool, plot: bool = True) -> dict:
+    def _summary(self, system, last: dict | None, interrupted: bool, plot: bool = True,
+                 sinks: Sequence = ()) -> dict:
         summary = {"run_dir": str(self.run_dir), "interrupted": interrupted,
                    "final": last, "wall_s": self.wall_s}
         if plot and last is not None and "qd_score" in last:
-            from dqd_ray.viz import heatmap
-
-            import matplotlib.pyplot as plt
-
-            fig = heatmap(system.archive(), self.cfg.env.resolved_dims(),
-                          path=self.run_dir / "archive.png", names=self.meta.measure_names,
-                          title=f"{self.cfg.env.id} iteration {last['iteration']}")
-            plt.close(fig)
+            summary["media"] = self._final_media(system.archive(), last)
+            for s in sinks:
+                if hasattr(s, "log_media"):
+                    s.log_media(summary["media"], int(last["iteration"]))
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
         return summary
+
+    def _final_media(self, archive: dict, last: dict) -> dict:
+        """The final heatmap (``archive.png``) and a GIF of the best elite
+        (``best_elite.gif``, replayed with its archived seed)."""
+        import matplotlib.pyplot as plt
+
+        from dqd_ray.results import render_episode, write_gif
+        from dqd_ray.viz import heatmap
+
+        cfg, media = self.cfg, {}
+        fig = heatmap(archive, cfg.env.resolved_dims(), path=self.run_dir / "archive.png",
+                      names=self.meta.measure_names, ranges=cfg.env.resolved_ranges(),
+                      title=f"{cfg.preset or cfg.algorithm.name}, {cfg.env.id}, iteration "
+                      f"{last['iteration']}: {len(archive['objective'])} elites")
+        plt.close(fig)
+        media["archive"] = str(self.run_dir / "archive.png")
+        if cfg.logging.final_gif and len(archive["objective"]):
+            i = int(np.argmax(archive["objective"]))
+            try:
+                frames, fitness, _ = render_episode(
+                    cfg, archive["solution"][i], int(archive["seed"][i]),
+                    steps=cfg.logging.gif_steps, frame_every=cfg.logging.gif_frame_every)
+                media["best_elite"] = str(write_gif(frames, self.run_dir / "best_elite.gif"))
+                media["best_elite_fitness"] = {"archived": float(archive["objective"][i]),
+                                               "replayed": fitness}
+            except Exception as err:  # noqa: BLE001 - a failed GIF never costs the run's results
+                print(f"warning: no GIF of the best elite ({err})")
+        return media
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

@@ -6,6 +6,11 @@ runs one batched forward over all active (env, genome) pairs. Transitions go to
 a sink in chunks (the replay buffer, or Ray's replay actor) and never through
 the caller. A non-finite action or observation stops that genome's episode and
 flags it invalid; its transitions after the fault are not recorded.
+
+Two options serve evolution strategies (ME-ES): Gaussian action noise (seeded
+from each genome's seed, clipped to the action bounds) and the observation
+sums of chosen episodes, from which the caller keeps running observation
+statistics.
 """
 
 from __future__ import annotations
@@ -145,17 +150,19 @@ class RolloutWorker:
         self._sink = sink
 
     def evaluate_indices(self, genomes: np.ndarray, indices, seeds, keys=None,
-                         record: bool = True) -> dict:
+                         record: bool = True, options: dict | None = None) -> dict:
         """Evaluates ``genomes[indices]`` (lets callers share one genome array)."""
         idx = np.asarray(indices)
-        return self.evaluate(np.asarray(genomes)[idx], seeds, record=record, keys=keys)
+        return self.evaluate(np.asarray(genomes)[idx], seeds, record=record, keys=keys,
+                             **(options or {}))
 
     def stats(self) -> dict:
         return {"env_steps": self.total_env_steps, "busy_s": self.busy_s,
                 "incarnation": self.incarnation}
 
     def evaluate(self, genomes: np.ndarray, seeds: np.ndarray | list[int],
-                 record: bool = True, keys=None) -> dict:
+                 record: bool = True, keys=None, action_noise: float = 0.0,
+                 collect_obs=None) -> dict:
         """Runs one episode per genome.
 
         Args:
@@ -166,11 +173,18 @@ class RolloutWorker:
                 every chunk holds one genome's transitions and is sent with key
                 ``(*key, part)``, so a keyed replay buffer orders them the same
                 whichever worker ran which genome.
+            action_noise: Std of Gaussian noise added to every action (then
+                clipped to [-1, 1]); drawn from a generator seeded by the
+                genome's seed, so an evaluation repeats exactly.
+            collect_obs: Optional ``(G,)`` bools: the episodes whose observations
+                (the first and every next one) are summed into ``obs_sum``,
+                ``obs_sumsq`` and ``obs_count``.
 
         Returns:
             dict with ``fitness (G,)``, ``measures (G, k)``, ``length (G,)``,
             ``valid (G,)`` (bool), ``env_steps``, and ``transitions`` (a list of
-            chunks; empty when a sink took them).
+            chunks; empty when a sink took them); with ``collect_obs`` also
+            ``obs_sum (G, obs)``, ``obs_sumsq (G, obs)`` and ``obs_count (G,)``.
         """
         t_start = time.perf_counter()
         genomes = np.asarray(self.spec.check(genomes), np.float32)
@@ -180,6 +194,12 @@ class RolloutWorker:
         if seeds.shape != (len(genomes),):
             raise ValueError(f"need one seed per genome: {len(genomes)} genomes, seeds {seeds.shape}")
         g_count = len(genomes)
+        if action_noise < 0 or not math.isfinite(action_noise):
+            raise ValueError(f"action_noise must be a finite std >= 0, got {action_noise}")
+        collect = None if collect_obs is None else np.asarray(collect_obs, bool)
+        if collect is not None and collect.shape != (g_count,):
+            raise ValueError(f"collect_obs needs one flag per genome: {g_count} genomes, "
+                             f"got shape {collect.shape}")
         fitness = np.zeros(g_count)
         measures = np.zeros((g_count, self.measure_dim))
         length = np.zeros(g_count, np.int64)
@@ -202,6 +222,17 @@ class RolloutWorker:
         policies = _SlotPolicies(self.spec, n_envs)
         envs = self.envs
         steps = 0
+        noise_rngs: list = [None] * n_envs
+        if collect is not None:
+            obs_sum = np.zeros((g_count, dims[0]))
+            obs_sumsq = np.zeros((g_count, dims[0]))
+            obs_count = np.zeros(g_count, np.int64)
+
+        def observe(gi: int, o: np.ndarray) -> None:
+            if collect is not None and collect[gi]:
+                obs_sum[gi] += o
+                obs_sumsq[gi] += np.square(o, dtype=np.float64)
+                obs_count[gi] += 1
 
         def start(slot: int) -> None:
             if builders[slot] is not None and builders[slot] is not shared:
@@ -210,7 +241,10 @@ class RolloutWorker:
                 gi = queue.pop(0)
                 slots[slot] = gi
                 obs[slot], _ = envs[slot].reset(seed=int(seeds[gi]))
+                observe(gi, obs[slot])
                 policies.set(slot, genomes[gi])
+                if action_noise > 0:
+                    noise_rngs[slot] = np.random.default_rng((int(seeds[gi]), 0xAC7))
                 if record and keys is not None:
                     k = keys[gi]
                     k = tuple(int(v) for v in k) if np.ndim(k) else (int(k),)
@@ -236,6 +270,11 @@ class RolloutWorker:
             actions = policies.forward(batch_obs, None if full else active)
             finite = np.isfinite(actions).all(axis=1) & np.isfinite(batch_obs).all(axis=1)
             act64 = actions.astype(np.float64)
+            if action_noise > 0:
+                for row, s in enumerate(active):
+                    act64[row] += action_noise * noise_rngs[s].standard_normal(act64.shape[1])
+                np.clip(act64, -1.0, 1.0, out=act64)
+                actions = act64.astype(np.float32)
             for row, s in enumerate(active):
                 gi = slots[s]
                 env = envs[s]
@@ -253,6 +292,7 @@ class RolloutWorker:
                     b.add_step(obs[s], actions[row], rew, step_measures, nxt,
                                1.0 if (term or (trunc and tld)) else 0.0)
                 obs[s] = nxt
+                observe(gi, obs[s])
                 if term or trunc:
                     fitness[gi] = env.episode_return
                     measures[gi] = env.measures()
@@ -268,8 +308,11 @@ class RolloutWorker:
         self.busy_s += time.perf_counter() - t_start
         fitness[~valid] = np.nan
         measures[~valid] = np.nan
-        return {"fitness": fitness, "measures": measures, "length": length, "valid": valid,
-                "env_steps": steps, "transitions": returned}
+        out = {"fitness": fitness, "measures": measures, "length": length, "valid": valid,
+               "env_steps": steps, "transitions": returned}
+        if collect is not None:
+            out.update(obs_sum=obs_sum, obs_sumsq=obs_sumsq, obs_count=obs_count)
+        return out
 
     def close(self) -> None:
         for e in self.envs:

@@ -51,7 +51,8 @@ log = logging.getLogger(__name__)
 
 
 class Evaluator(Protocol):
-    def evaluate(self, genomes: np.ndarray, seeds: np.ndarray, record: bool = True) -> dict: ...
+    def evaluate(self, genomes: np.ndarray, seeds: np.ndarray, record: bool = True,
+                 **options) -> dict: ...
 
 
 class GradientSource(Protocol):
@@ -343,7 +344,10 @@ class PooledEvaluator:
         self.chunk, self.keyed = chunk, keyed
         self.calls = 0
 
-    def evaluate(self, genomes: np.ndarray, seeds: np.ndarray, record: bool = True) -> dict:
+    def evaluate(self, genomes: np.ndarray, seeds: np.ndarray, record: bool = True,
+                 **options) -> dict:
+        """One episode per genome; ``options`` go to :meth:`RolloutWorker.evaluate`
+        (``action_noise``, and ``collect_obs``, one flag per genome)."""
         p = self.placement
         genomes = np.ascontiguousarray(genomes, np.float32)
         seeds = np.asarray(seeds)
@@ -368,8 +372,9 @@ class PooledEvaluator:
                 w, part = free.pop(0), todo.pop(0)
                 idx = parts[part]
                 keys = [(call, int(i)) for i in idx] if keyed else None
+                opts = {k: (np.asarray(v)[idx] if np.ndim(v) else v) for k, v in options.items()}
                 fut = p.call(self.workers[w], "evaluate_indices", ref, idx, seeds[idx], keys,
-                             record)
+                             record, opts or None)
                 running[id(fut)] = (fut, w, part)
             done, _ = p.wait_any([f for f, _, _ in running.values()])
             _, w, part = running.pop(id(done))
@@ -380,9 +385,15 @@ class PooledEvaluator:
         k = results[0]["measures"].shape[1] if n else 0
         out = {"fitness": np.empty(n), "measures": np.empty((n, k)),
                "length": np.empty(n, np.int64), "valid": np.empty(n, bool), "env_steps": 0}
+        per_genome = ["fitness", "measures", "length", "valid"]
+        if options.get("collect_obs") is not None and n:
+            per_genome += ["obs_sum", "obs_sumsq", "obs_count"]
+            for key in per_genome[4:]:
+                first = results[0][key]
+                out[key] = np.empty((n, *first.shape[1:]), first.dtype)
         for part, res in results.items():
             idx = parts[part]
-            for key in ("fitness", "measures", "length", "valid"):
+            for key in per_genome:
                 out[key][idx] = res[key]
             out["env_steps"] += int(res["env_steps"])
         return out
@@ -605,6 +616,8 @@ def evaluations_per_iteration(cfg: ExperimentConfig) -> int:
         return a.num_emitters * (1 + es + a.batch_size) + int(needs.greedy_insert)
     if a.name == "pga_me":
         return a.iso_batch_size + a.pg_batch_size
+    if a.name == "me_es":
+        return algorithms.me_es.evaluations_per_iteration(a)
     return a.batch_size
 
 
@@ -924,6 +937,7 @@ class System:
             seed=Seeds.to_int(seeds.coordinator), max_fitness=meta.max_fitness,
             robustness_every=cfg.metrics.robustness_every,
             robustness_episodes=cfg.metrics.robustness_episodes,
+            policy_first_layer=spec.layers[0][2:],
         )
 
         self.replay_restarts, self._replay_incarnation = 0, None
@@ -1021,12 +1035,55 @@ class System:
                 self.p.kill(h)
 
 
+class EvaluationPool:
+    """Rollout workers alone, without replay or learners: re-evaluating archives
+    (robustness) on every CPU of the cluster, or in process.
+
+    Args:
+        cfg: The run's config (env, policy, episode length, envs per worker).
+        placement: ``"ray"`` (Ray must be initialized) or ``"inprocess"``.
+        num_workers: Workers (default: the config's, else one per free CPU).
+    """
+
+    def __init__(self, cfg: ExperimentConfig, placement: str = "ray",
+                 num_workers: int | None = None):
+        if placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {sorted(PLACEMENTS)}, got {placement!r}")
+        self.p = p = PLACEMENTS[placement]()
+        r = cfg.resources
+        n = num_workers or r.num_rollout_workers
+        if not n:
+            if placement == "ray":
+                import ray
+
+                free = ray.available_resources().get("CPU", 1.0)
+                n = max(1, int(free // max(r.cpus_per_worker, 1e-9)))
+            else:
+                n = 1
+        spec = PolicySpec.from_config(cfg.env.id, cfg.policy)
+        opts = {"num_cpus": r.cpus_per_worker, "max_restarts": -1, "max_task_retries": -1}
+        self.workers = [p.make(RolloutWorker, opts, cfg.env.id, spec,
+                               num_envs=r.envs_per_worker, episode_length=cfg.env.episode_length)
+                        for _ in range(n)]
+        self.evaluator = PooledEvaluator(p, self.workers, None,
+                                         chunk=max(1, min(r.envs_per_worker, 8)))
+
+    def evaluate(self, genomes: np.ndarray, seeds: np.ndarray, record: bool = False) -> dict:
+        if record:
+            raise ValueError("an EvaluationPool has no replay buffer to record into")
+        return self.evaluator.evaluate(genomes, seeds, record=False)
+
+    def close(self) -> None:
+        for w in self.workers:
+            self.p.kill(w)
+
+
 def build(cfg: ExperimentConfig, placement: str = "ray",
           torch_threads: int | None = None, run_dir=None) -> System:
     """Builds every role of a run on ``placement`` (``"inprocess"`` or ``"ray"``)."""
     return System(cfg, placement, torch_threads=torch_threads, run_dir=run_dir)
 
 
-__all__ = ["Evaluator", "GPUUnavailableError", "GradientSource", "InProcess",
+__all__ = ["EvaluationPool", "Evaluator", "GPUUnavailableError", "GradientSource", "InProcess",
            "LearnerGroup", "OnRay", "PooledEvaluator", "ReplaySampler", "ReplaySink",
            "ResourceError", "Saveable", "Seeds", "System", "build", "resolve_resources"]

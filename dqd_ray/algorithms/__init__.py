@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from dqd_ray.algorithms import cma_maega, cma_mega, map_elites, pga_me
+from dqd_ray.algorithms import cma_maega, cma_mega, map_elites, me_es, pga_me
 from dqd_ray.algorithms.base import BuildContext, MaskedScheduler, Needs
 
 def _allow_state_classes() -> None:
@@ -25,7 +25,7 @@ def _allow_state_classes() -> None:
 
     from dqd_ray import statecodec
 
-    statecodec.allow(MaskedScheduler, pga_me.PolicyGradientEmitter, GridArchive, ArchiveStats,
+    statecodec.allow(MaskedScheduler, pga_me.PolicyGradientEmitter, me_es.MEESEmitter, GridArchive, ArchiveStats,
                      GaussianEmitter, GradientArborescenceEmitter, IsoLineEmitter,
                      _cma_es.CMAEvolutionStrategy, _cma_es.DecompMatrix,
                      _sep_cma_es.SeparableCMAEvolutionStrategy, _sep_cma_es.DiagonalMatrix,
@@ -41,6 +41,7 @@ ALGORITHMS: dict[str, ModuleType] = {
     "cma_maega": cma_maega,
     "pga_me": pga_me,
     "map_elites": map_elites,
+    "me_es": me_es,
 }
 
 

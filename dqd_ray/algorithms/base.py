@@ -25,6 +25,9 @@ class Needs:
             elites (and the greedy actor) in its batch.
         critic_updates: Whether critics get a fixed number of updates per
             iteration in sync mode (``td3.train_steps_per_iteration``).
+        es_steps: The emitters run their own generation (``step(evaluate)``,
+            ME-ES): they evaluate, move and insert into the archive themselves,
+            instead of the ask/tell batch.
     """
 
     dqd: bool = False
@@ -34,6 +37,7 @@ class Needs:
     greedy_insert: bool = False
     pg_variation: bool = False
     critic_updates: bool = False
+    es_steps: bool = False
 
 
 @dataclasses.dataclass
@@ -47,14 +51,18 @@ class BuildContext:
     qd_offset: float
     seed_sequence: np.random.SeedSequence
     dtype: type = np.float32
+    policy_first_layer: tuple[int, int] | None = None  # (obs_dim, hidden) of a policy genome
 
     def seeds(self, n: int) -> list[int]:
         return [int(s.generate_state(1)[0]) for s in self.seed_sequence.spawn(n)]
 
     def archive(self, seed: int, **kw) -> GridArchive:
+        """A grid archive whose elites also keep their evaluation's env seed
+        (``seed``), so an elite's episode can be replayed exactly."""
         return GridArchive(solution_dim=self.solution_dim, dims=list(self.archive_dims),
                            ranges=[tuple(r) for r in self.archive_ranges],
-                           qd_score_offset=self.qd_offset, dtype=self.dtype, seed=seed, **kw)
+                           qd_score_offset=self.qd_offset, dtype=self.dtype, seed=seed,
+                           extra_fields={"seed": ((), np.int64)}, **kw)
 
 
 class MaskedScheduler(Scheduler):
