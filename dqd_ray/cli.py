@@ -357,7 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="evaluation budget of every run")
     b_q.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     b_q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="config override for every run (e.g. env.episode_length=200)")
+                     help="config override for every run (env.episode_length=200), or for "
+                     "one preset's runs (me_es:algorithm.num_pairs=50)")
     b_q.add_argument("--robustness-episodes", type=int, default=10,
                      help="new-seed episodes per elite of each final archive (0: skip)")
     b_q.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray")

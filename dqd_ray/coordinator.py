@@ -252,8 +252,18 @@ class Coordinator:
 
         if needs.es_steps:
             t = time.perf_counter()
+            seen: list[np.ndarray] = []
+
+            def evaluate(genomes, **options):
+                out = self._evaluate(genomes, **options)
+                seen.append(out["fitness"][out["valid"]])
+                return out
+
             for emitter in sched.emitters:
-                metrics.update(emitter.step(self._evaluate))
+                metrics.update(emitter.step(evaluate))
+            fits = np.concatenate(seen) if seen else np.zeros(0)
+            if len(fits):
+                metrics["mean_evaluation"] = float(fits.mean())
             timings["rollout_s"] += time.perf_counter() - t
             timings["phase_batch_s"] = time.perf_counter() - t
         else:

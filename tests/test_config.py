@@ -18,6 +18,7 @@ PRESET_EXPECTATIONS = {
     "cma_maega_td3": ("cma_maega", "td3", True, False),
     "pga_me": ("pga_me", None, True, False),
     "map_elites": ("map_elites", None, False, False),
+    "me_es": ("me_es", None, False, False),
 }
 
 
@@ -51,6 +52,8 @@ def _evaluations_per_iteration(cfg) -> int:
         return a.num_emitters * (1 + es + a.batch_size) + int(needs.greedy_insert)
     if a.name == "pga_me":
         return a.iso_batch_size + a.pg_batch_size
+    if a.name == "me_es":
+        return 2 * a.num_pairs + a.eval_episodes
     return a.batch_size
 
 
@@ -74,7 +77,10 @@ def test_paper_presets_match_the_official_configuration(preset, env_id):
     assert (t.target_noise, t.noise_clip, t.lr, t.replay_capacity) == (0.2, 0.5, 3e-4, 1_000_000)
     assert t.time_limit_done is True  # the paper counts a time-limit cut as done
     per_iteration = _evaluations_per_iteration(cfg)
-    assert cfg.iterations * per_iteration == 1_000_000
+    if preset == "me_es":  # the official 5000 x 100 x 2 leaves out each new theta's episode
+        assert cfg.iterations * (per_iteration - 1) == 1_000_000
+    else:
+        assert cfg.iterations * per_iteration == 1_000_000
     if preset in ("cma_mega_td3_es", "cma_mega_es"):
         assert (a.name, a.num_emitters, a.sigma0, a.lr) == ("cma_mega", 1, 1.0, 1.0)
         assert (a.selection_rule, a.restart_rule, a.normalize_grad) == \
@@ -99,6 +105,14 @@ def test_paper_presets_match_the_official_configuration(preset, env_id):
     if preset == "map_elites":
         assert (a.sigma, a.batch_size) == (0.02, 100) and needs == type(needs)()
         assert cfg.iterations == 10000
+    if preset == "me_es":  # the official me_es.gin and config "mees_damage"
+        assert (a.num_pairs, a.noise_std, a.learning_rate, a.l2_coeff) == (100, 0.02, 0.01, 0.005)
+        assert (a.consecutive_steps, a.novelty_k, a.mode) == (10, 10, "explore_exploit")
+        assert (a.explore_strategy, a.exploit_strategy) == ("novelty_bias",
+                                                            "best2inlast5_or_best")
+        assert (a.action_noise, a.obs_norm, a.obs_collect_prob) == (0.01, True, 0.001)
+        assert a.eval_episodes == 1 and cfg.iterations == 5000
+        assert needs == type(needs)(es_steps=True)  # no critics, no learner
 
 
 def test_algorithm_settings_are_validated_per_algorithm():
@@ -108,7 +122,7 @@ def test_algorithm_settings_are_validated_per_algorithm():
     with pytest.raises(ConfigError, match="algorithm.sigma0: not a setting of algorithm pga_me"):
         build_config("pga_me", sets=["algorithm.sigma0=2"])
     with pytest.raises(ConfigError, match="unknown algorithm"):
-        build_config(sets=["algorithm.name=me_es"])
+        build_config(sets=["algorithm.name=mees"])
     with pytest.raises(ConfigError, match="insert_greedy needs a fitness critic"):
         build_config("cma_mega_es", sets=["algorithm.insert_greedy=true"])
     # A section without a name is CMA-MEGA's (the default algorithm).
@@ -313,6 +327,12 @@ def test_explicit_preset_wins_over_file_label(tmp_path):
     assert build_config(file=f).algorithm.gradients == "es"
 
 
+def spec_obs_dim(cfg) -> int:
+    from dqd_ray.envs import env_metadata
+
+    return env_metadata(cfg.env.id).obs_dim
+
+
 def _built_scheduler(cfg):
     """The preset's scheduler as the coordinator builds it (no rollouts)."""
     import numpy as np
@@ -325,7 +345,8 @@ def _built_scheduler(cfg):
     x0 = spec.init_genome(np.random.default_rng(0))
     ctx = BuildContext(solution_dim=spec.genome_dim, x0=x0, archive_dims=cfg.env.archive_dims,
                        archive_ranges=cfg.env.archive_ranges, qd_offset=0.0,
-                       seed_sequence=np.random.SeedSequence(1))
+                       seed_sequence=np.random.SeedSequence(1),
+                       policy_first_layer=spec.layers[0][2:])
     return algorithms.get(cfg.algorithm.name).build_scheduler(cfg.algorithm, ctx), x0
 
 
@@ -370,6 +391,19 @@ def test_paper_presets_reach_the_emitters_they_build(preset, env_id):
         # official code), the PG emitter N(0, 0.02^2).
         assert abs(batch[:50].std() - 0.005) < 0.0005 and abs(batch[50:].std() - 0.02) < 0.002
         assert abs(batch.mean()) < 1e-3
+    elif preset == "me_es":
+        from dqd_ray.algorithms.me_es import MEESEmitter
+
+        assert len(emitters) == 1 and isinstance(emitters[0], MEESEmitter)
+        e = emitters[0]
+        assert (e.num_pairs, e.noise_std, e.lr, e.l2_coeff) == (100, 0.02, 0.01, 0.005)
+        assert (e.consecutive_steps, e.k, e.action_noise, e.obs_collect_prob) == \
+            (10, 10, 0.01, 0.001)
+        assert e.obs_dim == spec_obs_dim(cfg) and e.hidden == 128
+        np.testing.assert_array_equal(e.theta, x0)
+        mean, std = e.obs_stats()  # no observation yet: the identity normalization
+        assert not mean.any() and (std == 1.0).all()
+        assert sched.ask().shape == (0, len(x0))  # asks for no batch: it steps itself
     else:
         assert len(emitters) == 1 and isinstance(emitters[0], GaussianEmitter)
         assert emitters[0]._sigma == 0.02 and emitters[0].batch_size == 100

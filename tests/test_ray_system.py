@@ -30,6 +30,9 @@ PRESET_TINY = {
     "pga_me": ["algorithm.iso_batch_size=3", "algorithm.pg_batch_size=3",
                "algorithm.pg_steps=2", "algorithm.pg_states=16"],
     "map_elites": ["algorithm.batch_size=6"],
+    # Two ES steps per run: iterations 1-2 exploit, 3 explores from a drawn cell.
+    "me_es": ["algorithm.num_pairs=3", "algorithm.consecutive_steps=2",
+              "algorithm.obs_collect_prob=0.5"],
 }
 COMMON = [
     "env.episode_length=50", "td3.batch_size=32", "metrics.robustness_episodes=2",
@@ -242,6 +245,10 @@ def test_wandb_offline_run(tmp_path, monkeypatch):
     assert list(runs[0].glob("*.wandb"))  # the offline log `wandb sync` uploads
     files = {p.name for p in Path(runs[0], "files").rglob("*")}
     assert any(name.endswith(".png") for name in files)  # the archive heatmap
+    # The end of the run: the final heatmap and the best elite's GIF.
+    assert any(n.startswith("final_archive") and n.endswith(".png") for n in files), files
+    assert any(n.startswith("best_elite") and n.endswith(".gif") for n in files), files
+    assert (out / "archive.png").exists() and (out / "best_elite.gif").exists()
 
 
 def test_several_learners_compute_what_one_learner_computes(ray_session):
