@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export WANDB_MODE ?= offline
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: install run test bench mutation clean
+.PHONY: install run test bench bench-quality mutation clean
 
 install: $(STAMP)
 
@@ -26,7 +26,7 @@ run: $(STAMP)
 		--set logging.wandb=true --set logging.heatmap_every=5
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 bench: $(STAMP)
 	$(BIN)/dqd-ray bench envs --json runs/bench_envs.json
@@ -35,6 +35,12 @@ bench: $(STAMP)
 	$(BIN)/dqd-ray bench rollout --json runs/bench_rollout.json
 	$(BIN)/dqd-ray bench learner --json runs/bench_learner.json
 	$(BIN)/dqd-ray bench iteration --json runs/bench_iteration.json
+
+# The five paper algorithms on QD Ant at one evaluation budget (about 45 minutes
+# on 2 cores; the README's comparison table).
+bench-quality: $(STAMP)
+	$(BIN)/dqd-ray bench quality --evaluations 2000 --seeds 0 1 --robustness-episodes 3 \
+		--out runs/quality_ant --json runs/bench_quality.json
 
 # Mutation testing of the core modules against the fast test tier (see README).
 mutation: $(STAMP)

@@ -305,6 +305,7 @@ class Coordinator:
         t = time.perf_counter()
         if needs.pg_variation:
             sols = self._emitter_requests(sols)
+            sched.replace_batch(sols)  # the archive gets what was evaluated
         batch = sols
         if self.greedy:
             batch = np.concatenate([np.asarray(self.learner.greedy_genome())[None], sols])

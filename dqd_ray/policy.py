@@ -8,8 +8,12 @@ in [-1, 1]).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch only for the learner's forward: rollout workers start faster
+    import torch
 
 
 class PolicySpec:
@@ -116,6 +120,8 @@ class PolicySpec:
 
         Returns ``(G, S, act)``; gradients flow to the flat genomes.
         """
+        import torch
+
         g = genomes.shape[0]
         x = obs if obs.dim() == 3 else obs.unsqueeze(0).expand(g, -1, -1)
         n = len(self.layers)

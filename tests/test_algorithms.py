@@ -319,3 +319,37 @@ def test_in_process_placement_names_the_ray_only_settings_it_ignores(capsys):
                     "inprocess")
     system.close()
     assert "Ray placement settings" not in capsys.readouterr().out
+
+
+# -- every algorithm: the archive holds what was evaluated ---------------------------------
+
+PRESET_SETS = {
+    "cma_mega_td3": ["algorithm.batch_size=4"], "cma_mega_td3_es": ["algorithm.batch_size=4"],
+    "cma_mega_es": ["algorithm.batch_size=4"], "cma_maega_td3": ["algorithm.batch_size=4"],
+    "pga_me": PGA_TINY, "map_elites": ["algorithm.batch_size=6"],
+    "me_es": ["algorithm.num_pairs=3", "algorithm.consecutive_steps=2"],
+}
+
+
+@pytest.mark.parametrize("preset", sorted(PRESET_SETS))
+def test_every_archived_elite_replays_to_its_archived_fitness(preset):
+    """Each elite keeps the env seed of its evaluation: replayed, it gives its
+    archived fitness and measures. (PGA-ME once archived the parents of its PG
+    variants with the variants' fitness; this catches any such mix-up.)"""
+    from dqd_ray.config import PRESETS
+
+    assert set(PRESET_SETS) == set(PRESETS)
+    cfg = build_config(preset, sets=TINY + PRESET_SETS[preset] + [
+        "es.num_samples=4", "metrics.robustness_every=0", "algorithm.x0_from_policy_init=true"])
+    system = System(cfg, "inprocess", torch_threads=1)
+    try:
+        for _ in range(3):
+            system.iteration()
+        archive = system.archive()
+        worker = system.workers[0]
+        out = worker.evaluate(archive["solution"], archive["seed"], record=False)
+    finally:
+        system.close()
+    assert len(archive["objective"]) >= 2
+    np.testing.assert_allclose(out["fitness"], archive["objective"], rtol=1e-6, atol=1e-4)
+    np.testing.assert_allclose(out["measures"], archive["measures"], atol=1e-6)

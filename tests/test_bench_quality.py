@@ -17,25 +17,21 @@ def test_bench_quality_runs_every_preset_on_one_budget_and_writes_its_table(ray_
                                                                             tmp_path, capsys):
     out = tmp_path / "q"
     args = ["bench", "quality", "--env", "QDHalfCheetahBulletEnv-v0",
-            "--presets", "map_elites", "me_es", "--evaluations", "24", "--seeds", "0", "1",
+            "--presets", "map_elites", "--evaluations", "24", "--seeds", "0", "1",
             "--robustness-episodes", "2", "--out", str(out), "--json", str(tmp_path / "q.json"),
             "--set", "env.episode_length=40", "--set", "checkpoint.every=100",
             "--set", "resources.num_rollout_workers=1",
-            "--set", "map_elites:algorithm.batch_size=8",
-            "--set", "me_es:algorithm.num_pairs=3", "--set", "me_es:algorithm.consecutive_steps=2"]
+            "--set", "map_elites:algorithm.batch_size=7"]
     assert main(args) == 0
     printed = capsys.readouterr().out
     data = json.loads((tmp_path / "q.json").read_text())
     runs = data["runs"]
-    assert [(r["preset"], r["seed"]) for r in runs] == [
-        ("map_elites", 0), ("map_elites", 1), ("me_es", 0), ("me_es", 1)]
+    assert [(r["preset"], r["seed"]) for r in runs] == [("map_elites", 0), ("map_elites", 1)]
     for r in runs:
-        # The same budget for all: stopped at the first iteration that reaches it.
-        per_iteration = 8 if r["preset"] == "map_elites" else 7
-        assert 24 <= r["evaluations"] < 24 + per_iteration + 1, r
+        # Stopped at the first iteration that reaches the budget: 4 x 7 = 28 >= 24.
+        assert r["evaluations"] == 28 and r["iterations"] == 4, r
         assert r["qd_score"] > 0 and r["mean_robustness"] is not None
         assert (tmp_path / "q" / r["run_dir"].split("/")[-1] / "config.yaml").exists()
-    assert [r["evaluations"] for r in runs] == [24, 24, 29, 29]  # ME-ES: x0, then 7 each
     for entry in data["table"]:
         rs = [r for r in runs if r["preset"] == entry["preset"]]
         assert entry["seeds"] == 2
@@ -45,7 +41,7 @@ def test_bench_quality_runs_every_preset_on_one_budget_and_writes_its_table(ray_
             assert entry[key]["std"] == pytest.approx(statistics.stdev(vals))
             assert (entry[key]["min"], entry[key]["max"]) == (min(vals), max(vals))
     md = (out / "quality.md").read_text()
-    assert md.count("\n") == 4 and "| QDHalfCheetah | me_es | 2 |" in md
+    assert md.count("\n") == 3 and "| QDHalfCheetah | map_elites | 2 |" in md
     assert "mean ± std over seeds [0, 1]" in printed
     for tag in ("evaluations", "wall_time"):
         with Image.open(out / f"quality_QDHalfCheetah_{tag}.png") as im:

@@ -68,7 +68,7 @@ def test_each_preset_runs_resumes_and_matches_in_process(ray_session, tmp_path, 
     from dqd_ray.system import System
 
     extra = ("resources.learner_mode=sync", "resources.torch_threads=1",
-             "metrics.robustness_every=2")
+             "metrics.robustness_every=2", "resources.num_rollout_workers=1")
     local = System(_tiny_cfg(*extra, preset=preset), "inprocess")
     local_metrics = [local.iteration() for _ in range(3)]
     local_archive = local.archive()
@@ -254,7 +254,7 @@ def test_wandb_offline_run(tmp_path, monkeypatch):
 def test_several_learners_compute_what_one_learner_computes(ray_session):
     """Splitting the critics between learners is placement only: in sync mode
     every jacobian row, loss and archive equals the single learner's."""
-    from dqd_ray.system import LearnerGroup, OnRay, System
+    from dqd_ray.system import LearnerGroup, System
     from dqd_ray.policy import PolicySpec
 
     spec = None
@@ -262,10 +262,11 @@ def test_several_learners_compute_what_one_learner_computes(ray_session):
     for n in (1, 3):
         cfg = _tiny_cfg(f"resources.num_learners={n}", "resources.num_rollout_workers=1")
         spec = PolicySpec.from_config(cfg.env.id, cfg.policy)
-        system = System(cfg, "ray", torch_threads=1)
+        # One learner in process (the same numbers as on Ray), three on Ray.
+        system = System(cfg, "ray" if n == 3 else "inprocess", torch_threads=1)
         try:
             metrics = [system.iteration() for _ in range(2)]
-            group = LearnerGroup(OnRay(), system.learners, system.splits)
+            group = LearnerGroup(system.p, system.learners, system.splits)
             genomes = np.stack([spec.init_genome(np.random.default_rng(i)) for i in range(3)])
             results[n] = {"split": system.splits, "metrics": metrics,
                           "jac": group.jacobian(genomes), "greedy": group.greedy_genome(),

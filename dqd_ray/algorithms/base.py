@@ -91,6 +91,18 @@ class MaskedScheduler(Scheduler):
             value[~mask] = min(float(np.min(info["value"])), 0.0) - 1e6
         return {"status": status, "value": value}
 
+    def replace_batch(self, solutions: np.ndarray) -> None:
+        """Makes ``solutions`` the batch the next :meth:`tell` inserts, in place of
+        what :meth:`ask` returned: rows the coordinator filled (the greedy actor,
+        PG variants of elites) go into the archive as evaluated, not their parents."""
+        if self._last_called != "ask":
+            raise RuntimeError("replace_batch() belongs between ask() and tell()")
+        solutions = np.asarray(solutions, self.archive.dtypes["solution"])
+        if solutions.shape != np.shape(self._cur_solutions):
+            raise ValueError(f"replacement batch has shape {solutions.shape}, the asked "
+                             f"batch {np.shape(self._cur_solutions)}")
+        self._cur_solutions = solutions
+
     def tell(self, objective, measures, **fields):
         mask = self.valid_mask
         if mask is not None and not mask.any() and self.archive.empty:

@@ -190,10 +190,10 @@ class MEESEmitter(EmitterBase):
         if not self.initialized:
             stats = self.obs_stats()
             out = evaluate(self._fold(self.theta[None], stats))
-            self.initialized = True
             self._evaluated(out, stats, best_train=None, initial=True)
-        if self.archive.empty:
-            return {"me_es_archive_empty": True}  # x0 was invalid; ES from x0 anyway
+            self.initialized = not self.archive.empty
+        if self.archive.empty:  # x0's episode was invalid: evaluated again next iteration
+            return {"me_es_archive_empty": True}
         if self.steps_left == 0:
             self._new_run()
         self.steps_left -= 1

@@ -42,7 +42,7 @@ def _fmt(s: dict, pct: bool = False) -> str:
         return "-"
     scale = 100.0 if pct else 1.0
     mean, std = s["mean"] * scale, s["std"] * scale
-    digits = 2 if abs(mean) < 100 else 0
+    digits = 4 if abs(mean) < 1 else (2 if abs(mean) < 100 else 0)
     unit = "%" if pct else ""
     return f"{mean:,.{digits}f}{unit} ± {std:,.{digits}f}" if s["n"] > 1 else \
         f"{mean:,.{digits}f}{unit}"
