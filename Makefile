@@ -26,7 +26,7 @@ run: $(STAMP)
 		--set logging.wandb=true --set logging.heatmap_every=5
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=25
+	$(BIN)/python -m pytest -q --durations=25 -n 2 --dist loadfile
 
 bench: $(STAMP)
 	$(BIN)/dqd-ray bench envs --json runs/bench_envs.json
