@@ -4,13 +4,52 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import numpy as np
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from dqd_ray.envs import make_env
+class UsageError(ValueError):
+    """A bad command-line argument. The message names the argument, the problem
+    and what to pass instead; raised before any work starts (no Ray, no files)."""
 
+
+def _at_least(flag: str, value: int | None, low: int, fix: str) -> None:
+    """Refuses ``value < low``; None (the argument left at its default) passes."""
+    if value is not None and value < low:
+        raise UsageError(f"{flag} must be at least {low}, got {value}: {fix}")
+
+
+def _check_out(flag: str, path: str | None, *, directory: bool, fix: str) -> None:
+    """Refuses an output path that cannot be written as asked: a directory
+    argument naming an existing file, a file argument naming an existing
+    directory, or any path under an existing file."""
+    if path is None:
+        return
+    p = Path(path)
+    if directory and p.exists() and not p.is_dir():
+        raise UsageError(f"{flag} {path} is an existing file, not a directory: {fix}")
+    if not directory and p.is_dir():
+        raise UsageError(f"{flag} {path} is a directory, not a file: {fix}")
+    for parent in p.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UsageError(f"{flag} {path} lies under {parent}, which is a file, "
+                                 f"not a directory: {fix}")
+            break
+
+
+_NUM_CPUS_FIX = "pass the CPUs a local Ray may use, or leave it out for all of this machine's"
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from dqd_ray.envs import ENV_IDS, make_env
+
+    if args.env not in ENV_IDS:
+        raise UsageError(f"--env {args.env!r} is not a QD environment: choose one of "
+                         f"{', '.join(ENV_IDS)}")
+    _at_least("--episodes", args.episodes, 1, "pass how many random-policy episodes to run")
+    _at_least("--seed", args.seed, 0, "pass a non-negative integer seed")
     env = make_env(args.env)
     rng = np.random.default_rng(args.seed)
     print(f"{args.env}: obs {env.observation_space.shape}, act {env.action_space.shape}, "
@@ -40,6 +79,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from dqd_ray.config import build_config
     from dqd_ray.loop import Experiment
 
+    _check_out("--out", args.out, directory=True,
+               fix="pass the path of a new run directory (dqd-ray creates it)")
+    _at_least("--num-cpus", args.num_cpus, 1, _NUM_CPUS_FIX)
     cfg = build_config(args.preset, args.config, args.set)  # fails before Ray starts
     backend = "inprocess" if args.local_inprocess else "ray"
     exp = Experiment.create(cfg, args.out, backend=backend, address=args.address,
@@ -52,6 +94,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_resume(args: argparse.Namespace) -> int:
     from dqd_ray.loop import Experiment
 
+    _at_least("--num-cpus", args.num_cpus, 1, _NUM_CPUS_FIX)
     backend = "inprocess" if args.local_inprocess else "ray"
     exp = Experiment.resume(args.run_dir, args.set, backend=backend, address=args.address,
                             num_cpus=args.num_cpus)
@@ -84,13 +127,23 @@ def _cmd_show(args: argparse.Namespace) -> int:
 def _cmd_render(args: argparse.Namespace) -> int:
     from dqd_ray.results import render_elite
 
+    _at_least("--frame-every", args.frame_every, 1,
+              "pass the env steps per GIF frame (1: every step)")
+    _at_least("--steps", args.steps, 1, "pass the episode steps to render, or leave it out "
+              "for the run's episode length")
+    _at_least("--seed", args.seed, 0, "pass a non-negative integer seed, or leave it out for "
+              "the seed the elite was archived with")
+    _check_out("--out", args.out, directory=False,
+               fix="pass the path of the GIF file to write, e.g. elite.gif")
     measures = None
     if args.measures:
         try:
             measures = [float(v) for v in args.measures.split(",")]
         except ValueError:
-            print(f"error: --measures takes comma-separated numbers, got {args.measures!r}",
-                  file=sys.stderr)
+            measures = None
+        if measures is None or not np.isfinite(measures).all():
+            print(f"error: --measures takes comma-separated finite numbers, got "
+                  f"{args.measures!r}", file=sys.stderr)
             return 2
     try:
         r = render_elite(args.run_dir, elite=args.elite, measures=measures, out=args.out,
@@ -110,6 +163,12 @@ def _cmd_render(args: argparse.Namespace) -> int:
 def _cmd_robustness(args: argparse.Namespace) -> int:
     from dqd_ray import show
 
+    _at_least("--episodes", args.episodes, 1,
+              "pass the new-seed episodes per elite (the paper uses 10)")
+    _at_least("--seed", args.seed, 0, "pass a non-negative integer seed")
+    _at_least("--num-cpus", args.num_cpus, 1, _NUM_CPUS_FIX)
+    _check_out("--out", args.out, directory=True,
+               fix="pass a directory for robustness.json and .png (created if missing)")
     show.robustness_command(args.run_dir, episodes=args.episodes, out=args.out,
                             own_seeds=args.own_seeds, seed=args.seed,
                             local_inprocess=args.local_inprocess, address=args.address,
@@ -236,7 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="join this Ray cluster (default: RAY_ADDRESS, else start a local Ray)")
     tune.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray")
     tune.add_argument("--resume", action="store_true",
-                      help="continue an interrupted sweep (Tuner.restore)")
+                      help="continue an interrupted sweep (Tuner.restore, which unpickles "
+                      "Tune's state: refused unless the experiment directory and everything "
+                      "in it are yours and not writable by group or others)")
     tune.add_argument("--dry-run", action="store_true",
                       help="validate, print each trial's resource bundles, and stop")
     tune.set_defaults(func=_cmd_tune)
@@ -384,14 +445,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from dqd_ray.checkpoint import CheckpointError
     from dqd_ray.config import ConfigError
+    from dqd_ray.loop import RunFailed
     from dqd_ray.system import GPUUnavailableError, ResourceError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, ResourceError, GPUUnavailableError) as err:
+    except (UsageError, ConfigError, CheckpointError, ResourceError,
+            GPUUnavailableError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except RunFailed as err:  # the run started and stopped: a role failed or hung
+        print(f"error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

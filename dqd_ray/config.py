@@ -275,6 +275,16 @@ class ResourcesConfig(_Strict):
     num_rollout_workers: int | None = Field(
         None, description="Rollout actors; default: CPUs Ray sees minus learner/coordinator."
     )
+
+    @field_validator("num_rollout_workers")
+    @classmethod
+    def _at_least_one_worker(cls, v):
+        if v is not None and v < 1:
+            raise ValueError(
+                f"a run needs at least 1 rollout worker, got {v}: set a positive number, or "
+                "leave it unset (null) for one per CPU left after the learners and coordinator")
+        return v
+
     envs_per_worker: int = Field(4, gt=0, description="Environments stepped in lockstep.")
     num_learners: int = Field(1, gt=0, description="Learner actors sharing the critics.")
     num_gpus_per_learner: float = Field(0.0, ge=0, description="0 means CPU learners.")
@@ -301,7 +311,15 @@ class ResourcesConfig(_Strict):
     )
     wait_for_resources_s: float = Field(
         600.0, ge=0, description="When joining a cluster whose resources cannot hold the "
-        "graph yet, how long to wait for the autoscaler before failing."
+        "graph yet, how long to wait for the autoscaler before failing; also how long a "
+        "restarting actor (its node died) may take to be placed again before the run stops."
+    )
+    call_timeout_s: float = Field(
+        600.0, gt=0, description="Deadline of every call to a role (a rollout chunk, a "
+        "replay add or sample, a learner request, the coordinator's liveness): a live actor "
+        "that does not answer within it (a wedged node) stops the run with a message naming "
+        "the role, the call and the node; the last checkpoint stays the resume point. "
+        "Generous by default: no healthy call comes near it."
     )
     strict_gpu: bool = Field(False, description="Fail instead of falling back to CPU.")
     learner_mode: Literal["sync", "async"] = Field(

@@ -421,6 +421,11 @@ class Coordinator:
         self.counters = {k: int(out["counters"].get(k, 0)) for k in COUNTERS}
         self.robustness = dict(out["robustness"])
 
+    def heartbeat(self) -> bool:
+        """Answers from its own concurrency group while an iteration runs: the
+        driver's proof that this actor (and its node) still lives."""
+        return True
+
     def snapshot_learners(self) -> None:
         """Keeps the learners' current state (just loaded from a checkpoint) to
         restore a learner that restarts later."""

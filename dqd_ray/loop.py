@@ -22,6 +22,14 @@ Run directory::
     RUN_DIR/best_elite.gif    the best elite, replayed (logging.final_gif)
     RUN_DIR/checkpoints/      ckpt_<iteration>/ (see checkpoint.py)
     RUN_DIR/wandb/            when logging.wandb is on
+    RUN_DIR/.lock             while a process runs it (see logging.RunLock)
+
+Crash safety: iteration N's metrics line is written and fsynced before
+checkpoint N, so no checkpoint is ever ahead of the metrics; a resume from an
+older checkpoint moves the lines past it to ``metrics.abandoned.jsonl``. A
+torn last metrics line (a crash in the middle of its write) is dropped with a
+warning; files that are rewritten (``config.yaml``, ``metrics.jsonl``,
+``summary.json``) are replaced atomically.
 """
 
 from __future__ import annotations
@@ -40,7 +48,18 @@ import numpy as np
 from dqd_ray import checkpoint as ckpt
 from dqd_ray.config import ConfigError, ExperimentConfig, build_config, to_yaml
 from dqd_ray.envs import env_metadata
-from dqd_ray.logging import JsonlSink, ProgressSink, WandbSink
+from dqd_ray.logging import (
+    JsonlSink,
+    ProgressSink,
+    RunDirInUse,  # noqa: F401 - what a second `run`/`resume` raises
+    RunLock,
+    WandbSink,
+    append_durably,
+    atomic_write_text,
+    parse_jsonl,
+    read_jsonl,
+    torn_warning,
+)
 
 # Fields a resume may change; anything else must match the original run.
 RESUMABLE = ("iterations", "evaluations", "logging", "checkpoint")
@@ -109,6 +128,24 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
                  runtime_env=runtime_env)
 
 
+class RunFailed(RuntimeError):
+    """A run stopped by a failure (a role's error, a missed deadline); the
+    message names the cause and the checkpoint to resume from."""
+
+
+def _cause(err: BaseException) -> BaseException:
+    """The error a role raised, unwrapped from Ray's task errors."""
+    seen = set()
+    while id(err) not in seen:
+        seen.add(id(err))
+        inner = getattr(err, "cause", None)
+        if isinstance(inner, BaseException):
+            err = inner
+        else:
+            break
+    return err
+
+
 class GracefulStop:
     """Turns SIGINT/SIGTERM into a stop request checked between iterations.
 
@@ -168,19 +205,27 @@ class Experiment:
         self.wandb_run = wandb_run or {}  # WandbSink keywords (a Tune trial's name, group)
         self.meta = env_metadata(cfg.env.id)
         self._state: dict | None = None  # a checkpoint already read into memory
+        self._lock = RunLock(self.run_dir)  # create/resume/restore take it; run() releases it
 
     # -- entry points ------------------------------------------------------------
 
     @classmethod
     def create(cls, cfg: ExperimentConfig, run_dir: str | Path | None = None, **kw) -> "Experiment":
         run_dir = Path(run_dir) if run_dir else default_run_dir(cfg)
-        if (run_dir / "config.yaml").exists():
-            raise ConfigError(f"{run_dir} already holds a run; use `dqd-ray resume {run_dir}` "
-                              "or choose another --out")
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
-        (run_dir / "run_id").write_text(uuid.uuid4().hex[:12])
-        return cls(cfg, run_dir, **kw)
+        lock = RunLock(run_dir).acquire()  # refuses a directory a running process holds
+        try:
+            if (run_dir / "config.yaml").exists():
+                raise ConfigError(f"{run_dir} already holds a run; use `dqd-ray resume "
+                                  f"{run_dir}` or choose another --out")
+            atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+            atomic_write_text(run_dir / "run_id", uuid.uuid4().hex[:12])
+            exp = cls(cfg, run_dir, **kw)
+        except BaseException:
+            lock.release()
+            raise
+        exp._lock = lock
+        return exp
 
     @classmethod
     def resume(cls, run_dir: str | Path, sets: list[str] | None = None, **kw) -> "Experiment":
@@ -188,6 +233,18 @@ class Experiment:
         cfg_path = run_dir / "config.yaml"
         if not cfg_path.exists():
             raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
+        lock = RunLock(run_dir).acquire()
+        try:
+            exp = cls._resume_locked(run_dir, sets, **kw)
+        except BaseException:
+            lock.release()
+            raise
+        exp._lock = lock
+        return exp
+
+    @classmethod
+    def _resume_locked(cls, run_dir: Path, sets: list[str] | None, **kw) -> Experiment:
+        cfg_path = run_dir / "config.yaml"
         original = build_config(file=cfg_path)
         requested = build_config(file=cfg_path, sets=sets)
         a, b = original.model_dump(mode="json"), requested.model_dump(mode="json")
@@ -210,7 +267,7 @@ class Experiment:
         if diffs:
             raise ConfigError(f"{run_dir}/config.yaml differs from the checkpoint's config:\n  "
                               + "\n  ".join(diffs))
-        (run_dir / "config.yaml").write_text(to_yaml(requested))
+        atomic_write_text(run_dir / "config.yaml", to_yaml(requested))
         return cls(requested, run_dir, resume_state=(path, manifest), **kw)
 
     @classmethod
@@ -230,22 +287,32 @@ class Experiment:
         manifest = ckpt.verify(path)
         state = ckpt.load_checkpoint(path, manifest)
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        lock = RunLock(run_dir).acquire()
+        try:
+            exp = cls._restore_locked(cfg, run_dir, path, manifest, **kw)
+        except BaseException:
+            lock.release()
+            raise
+        exp._lock = lock
+        exp._state = state
+        return exp
+
+    @classmethod
+    def _restore_locked(cls, cfg: ExperimentConfig, run_dir: Path, path: Path, manifest: dict,
+                        **kw) -> Experiment:
+        atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
         if not (run_dir / "run_id").exists():
-            (run_dir / "run_id").write_text(uuid.uuid4().hex[:12])
+            atomic_write_text(run_dir / "run_id", uuid.uuid4().hex[:12])
         saved = {k: v for k, v in manifest["config"].items() if k not in RESUMABLE}
         now = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in RESUMABLE}
         changed = _diff(saved, now)
         record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "checkpoint": str(path),
                   "iteration": int(manifest["iteration"]), "changed": changed}
-        with open(run_dir / "restores.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_durably(run_dir / "restores.jsonl", json.dumps(record) + "\n")
         if changed:
             print(f"restoring {path} (iteration {manifest['iteration']}) with changed "
                   "settings:\n  " + "\n  ".join(changed))
-        exp = cls(cfg, run_dir, resume_state=(path, manifest), **kw)
-        exp._state = state
-        return exp
+        return cls(cfg, run_dir, resume_state=(path, manifest), **kw)
 
     # -- the loop ------------------------------------------------------------------
 
@@ -265,10 +332,20 @@ class Experiment:
     def run(self, sinks: Sequence = ()) -> dict:
         """Iterates until the budget or a stop signal; returns the summary.
 
+        Holds the run directory's lock (taken by create/resume/restore, or
+        here) until it returns.
+
         Args:
-            sinks: Extra metric sinks (``log(metrics, archive)``,
+            sinks: Extra metric sinks (``log(metrics, archive, checkpoint)``,
                 ``wants_archive(iteration)``, ``close()``), after the built-in ones.
         """
+        self._lock.acquire()
+        try:
+            return self._run(sinks)
+        finally:
+            self._lock.release()
+
+    def _run(self, sinks: Sequence) -> dict:
         cfg = self.cfg
         state = None
         if self._state is not None:
@@ -308,6 +385,7 @@ class Experiment:
             last = {"iteration": start_iter, "evaluations": 0}
         saved_at = start_iter
         interrupted = hard_stop = False
+        failed: BaseException | None = None
         with GracefulStop() as stop:
             try:
                 system.start()
@@ -322,14 +400,21 @@ class Experiment:
                     prev = now
                     m["wall_s"] = self.wall_s
                     last = m
+                    wanted = any(s.wants_archive(m["iteration"]) for s in sinks)
+                    archive = system.archive() if wanted else None
+                    # metrics.jsonl first (fsynced), then the checkpoint, then the sinks
+                    # that take it (Tune's report): a crash in between never leaves a
+                    # checkpoint whose iteration has no metrics line.
+                    first = [s for s in sinks if getattr(s, "before_checkpoint", False)]
+                    for s in first:
+                        s.log(m, archive, checkpoint=None)
                     saved = None
                     if m["iteration"] % cfg.checkpoint.every == 0:
                         saved = self._save(system, m["iteration"])
                         saved_at = m["iteration"]
-                    wanted = any(s.wants_archive(m["iteration"]) for s in sinks)
-                    archive = system.archive() if wanted else None
                     for s in sinks:
-                        s.log(m, archive, checkpoint=saved)
+                        if s not in first:
+                            s.log(m, archive, checkpoint=saved)
             except KeyboardInterrupt:
                 # A second signal (or Ctrl-C where no handler could be installed):
                 # an iteration may be half done, so its state is not saved.
@@ -337,6 +422,13 @@ class Experiment:
                 print(f"\nstopped at once; resume point: the checkpoint of iteration {saved_at}"
                       if saved_at else "\nstopped at once; no checkpoint was written yet",
                       flush=True)
+            except Exception as err:
+                # A role failed or missed a deadline mid-iteration: its state is
+                # half an iteration, and a role may not answer at all, so nothing
+                # is saved or plotted; the last checkpoint stays the resume point.
+                failed = err
+                hard_stop = True
+                raise RunFailed(self._failure_message(err, saved_at)) from err
             finally:
                 interrupted = interrupted or stop.requested is not None
                 try:
@@ -349,26 +441,44 @@ class Experiment:
                               f"`dqd-ray resume {self.run_dir}`", flush=True)
                     # After a hard stop the roles may be mid-iteration: no archive plot.
                     summary = self._summary(system, last, interrupted, plot=not hard_stop,
-                                            sinks=sinks)
+                                            sinks=sinks, failed=failed)
                 finally:
                     for s in sinks:
                         s.close()
                     system.close()
         return summary
 
+    def _failure_message(self, err: BaseException, saved_at: int) -> str:
+        from dqd_ray.waits import CallTimeoutError
+
+        cause = _cause(err)
+        what = str(cause).strip().splitlines()
+        text = what[-1] if not isinstance(cause, CallTimeoutError) else " ".join(what)
+        where = (f"the checkpoint of iteration {saved_at} stays the resume point: "
+                 f"`dqd-ray resume {self.run_dir}`" if saved_at else
+                 "no checkpoint was written yet")
+        return f"the run stopped: {text or type(cause).__name__}; {where}"
+
     def _truncate_metrics(self, start_iter: int) -> None:
-        """Drops metric lines past the resume point (an abandoned continuation)."""
+        """Drops metric lines past the resume point (an abandoned continuation,
+        moved to ``metrics.abandoned.jsonl``) and a torn last line (with a
+        warning), so that the run appends to whole lines. The file is
+        replaced atomically; the abandoned lines are fsynced before."""
         path = self.run_dir / "metrics.jsonl"
         if not path.exists():
             return
-        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-        past = [json.loads(ln).get("iteration", 0) > start_iter for ln in lines]
-        if any(past):
-            keep = [ln for ln, p in zip(lines, past) if not p]
-            dropped = [ln for ln, p in zip(lines, past) if p]
-            with open(self.run_dir / "metrics.abandoned.jsonl", "a") as f:
-                f.write("\n".join(dropped) + "\n")
-            path.write_text("".join(ln + "\n" for ln in keep))
+        rows, torn = parse_jsonl(path)
+        if torn is not None:
+            torn_warning(path, torn)
+        past = [row.get("iteration", 0) > start_iter for _, row in rows]
+        data = path.read_bytes()
+        unterminated = bool(data) and not data.endswith(b"\n")
+        if not (any(past) or torn is not None or unterminated):
+            return
+        dropped = [ln for (ln, _), p in zip(rows, past) if p]
+        if dropped:
+            append_durably(self.run_dir / "metrics.abandoned.jsonl", "\n".join(dropped) + "\n")
+        atomic_write_text(path, "".join(ln + "\n" for (ln, _), p in zip(rows, past) if not p))
 
     def _throughput(self, m: dict, dt: float, prev: dict, now: dict) -> dict:
         steps = m["iteration_env_steps"]
@@ -391,15 +501,17 @@ class Experiment:
         }
 
     def _summary(self, system, last: dict | None, interrupted: bool, plot: bool = True,
-                 sinks: Sequence = ()) -> dict:
+                 sinks: Sequence = (), failed: BaseException | None = None) -> dict:
         summary = {"run_dir": str(self.run_dir), "interrupted": interrupted,
                    "final": last, "wall_s": self.wall_s}
+        if failed is not None:
+            summary.update(failed=True, error=" ".join(str(_cause(failed)).split()))
         if plot and last is not None and "qd_score" in last:
             summary["media"] = self._final_media(system.archive(), last)
             for s in sinks:
                 if hasattr(s, "log_media"):
                     s.log_media(summary["media"], int(last["iteration"]))
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=1, default=str))
         return summary
 
     def _final_media(self, archive: dict, last: dict) -> dict:
@@ -432,6 +544,7 @@ class Experiment:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """A run's metric lines; a torn last line is dropped with a warning (see
+    :func:`dqd_ray.logging.read_jsonl`)."""
+    return read_jsonl(Path(run_dir) / "metrics.jsonl")
 

@@ -24,82 +24,95 @@ def _resolve(actor):
     return actor
 
 
-class ReplaySink:
+class _ReplayClient:
+    """A replay actor reached by handle or by name, with call deadlines."""
+
+    def __init__(self, replay, timeout_s: float = 600.0, restart_timeout_s: float = 600.0):
+        self._replay = replay
+        self.timeout_s, self.restart_timeout_s = timeout_s, restart_timeout_s
+
+    @property
+    def replay(self):
+        self._replay = _resolve(self._replay)
+        return self._replay
+
+    def _what(self, method: str):
+        from dqd_ray.waits import actor_id_of
+
+        aid = actor_id_of(self._replay)
+        return lambda ref: ("the replay buffer", method, aid)
+
+    def _get(self, refs, method: str):
+        from dqd_ray.waits import get_refs
+
+        return get_refs(refs, timeout_s=self.timeout_s, restart_timeout_s=self.restart_timeout_s,
+                        what=self._what(method))
+
+    def _wait_one(self, pending: list, method: str) -> list:
+        import ray
+
+        from dqd_ray.waits import wait_refs
+
+        done, rest = wait_refs(pending, 1, timeout_s=self.timeout_s,
+                               restart_timeout_s=self.restart_timeout_s, what=self._what(method))
+        ray.get(done)
+        return rest
+
+
+class ReplaySink(_ReplayClient):
     """Sends transition chunks to the replay actor with bounded backpressure.
 
     ``replay`` is the actor's handle or its name. Restartable rollout workers
     get the name and look the actor up on first use: a handle among an actor's
     constructor arguments lives in the object store, and Ray cannot promise to
     restart an actor whose arguments may be gone (ray-project/ray#53727).
+    Every wait on the actor has the deadlines of :mod:`dqd_ray.waits`.
     """
 
-    def __init__(self, replay, max_in_flight: int = 2):
-        self._replay, self.max_in_flight = replay, max_in_flight
+    def __init__(self, replay, max_in_flight: int = 2, timeout_s: float = 600.0,
+                 restart_timeout_s: float = 600.0):
+        super().__init__(replay, timeout_s, restart_timeout_s)
+        self.max_in_flight = max_in_flight
         self._pending: list = []
 
-    @property
-    def replay(self):
-        self._replay = _resolve(self._replay)
-        return self._replay
-
     def __call__(self, chunk: dict, key: tuple | None = None) -> None:
-        import ray
-
         while len(self._pending) >= self.max_in_flight:
-            done, self._pending = ray.wait(self._pending, num_returns=1)
-            ray.get(done)
+            self._pending = self._wait_one(self._pending, "add")
         self._pending.append(self.replay.add.remote(chunk, key))
 
     def drain(self) -> None:
-        import ray
-
         if self._pending:
-            ray.get(self._pending)
+            self._get(self._pending, "add")
             self._pending = []
 
     def __getstate__(self):
-        return {"_replay": self._replay, "max_in_flight": self.max_in_flight, "_pending": []}
+        return {**self.__dict__, "_pending": []}
 
 
 class _Future:
-    def __init__(self, ref):
-        self.ref = ref
+    def __init__(self, ref, client: _ReplayClient):
+        self.ref, self.client = ref, client
 
     def get(self):
-        import ray
-
-        return ray.get(self.ref)
+        return self.client._get(self.ref, "sample")
 
 
-class ReplayActorSampler:
+class ReplayActorSampler(_ReplayClient):
     """A learner's sampler over the replay actor (its handle, or its name: the
-    restartable learners get the name, like :class:`ReplaySink`)."""
-
-    def __init__(self, replay):
-        self._replay = replay
-
-    @property
-    def replay(self):
-        self._replay = _resolve(self._replay)
-        return self._replay
+    restartable learners get the name, like :class:`ReplaySink`), with the
+    deadlines of :mod:`dqd_ray.waits`."""
 
     def size(self) -> int:
-        import ray
-
-        return ray.get(self.replay.size.remote())
+        return self._get(self.replay.size.remote(), "size")
 
     def sample(self, batch_size: int, num_batches: int, seed: int | None = None) -> dict:
-        import ray
-
-        return ray.get(self.replay.sample.remote(batch_size, num_batches, seed))
+        return self._get(self.replay.sample.remote(batch_size, num_batches, seed), "sample")
 
     def sample_async(self, batch_size: int, num_batches: int, seed: int | None = None):
-        return _Future(self.replay.sample.remote(batch_size, num_batches, seed))
+        return _Future(self.replay.sample.remote(batch_size, num_batches, seed), self)
 
     def sample_states(self, n: int, seed: int | None = None):
-        import ray
-
-        return ray.get(self.replay.sample_states.remote(n, seed))
+        return self._get(self.replay.sample_states.remote(n, seed), "sample_states")
 
 
 class ReplayActor(ReplayBuffer):

@@ -7,7 +7,6 @@ YAML, JSON and numeric arrays.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ import numpy as np
 from dqd_ray import checkpoint as ckpt
 from dqd_ray.config import ConfigError, ExperimentConfig, build_config
 from dqd_ray.envs import env_metadata, make_env
+from dqd_ray.logging import read_jsonl
 from dqd_ray.policy import PolicySpec
 
 SUMMARY_COLUMNS = (
@@ -52,7 +52,8 @@ def load_run(run_dir: str | Path, need_archive: bool = True) -> Run:
     """Reads a run directory.
 
     Raises:
-        ConfigError: Not a run directory.
+        ConfigError: Not a run directory, or a corrupt metrics line that is not
+            the last (:class:`~dqd_ray.logging.MetricsFileError`).
         CheckpointError: ``need_archive`` and no intact checkpoint.
     """
     path = Path(run_dir)
@@ -62,8 +63,8 @@ def load_run(run_dir: str | Path, need_archive: bool = True) -> Run:
                           "`dqd-ray run` printed")
     cfg = build_config(file=cfg_path)
     metrics_path = path / "metrics.jsonl"
-    metrics = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln.strip()] \
-        if metrics_path.exists() else []
+    # A torn last line (a crash while it was written) is dropped with a warning.
+    metrics = read_jsonl(metrics_path) if metrics_path.exists() else []
     final = dict(metrics[-1]) if metrics else {}
     run = Run(path=path, cfg=cfg, metrics=metrics, final=final)
     found = ckpt.latest_valid(path / "checkpoints")

@@ -104,6 +104,10 @@ class InProcess:
     def wait_any(self, futures: list) -> tuple[Any, list]:
         return futures[0], futures[1:]
 
+    def get_long(self, future, ping):
+        """A long call (a whole iteration): in process it has already run."""
+        return self.get(future)
+
     def put(self, value):
         return value
 
@@ -120,49 +124,111 @@ class InProcess:
 
 
 class OnRay:
-    """Roles as Ray actors; calls return object refs."""
+    """Roles as Ray actors; calls return object refs.
+
+    Every wait has a deadline (see :mod:`dqd_ray.waits`): a call that gets no
+    answer within ``call_timeout_s`` from a live actor, or whose actor stays
+    restarting longer than ``restart_timeout_s``, raises a
+    :class:`~dqd_ray.waits.CallTimeoutError` naming the role (the ``role``
+    option given to :meth:`make`), the method and the node.
+    """
 
     name = "ray"
 
-    def __init__(self):
+    def __init__(self, call_timeout_s: float = 600.0, restart_timeout_s: float = 600.0):
+        self.call_timeout_s, self.restart_timeout_s = call_timeout_s, restart_timeout_s
         self._names: dict[int, str] = {}
+        self._roles: dict[str, str] = {}  # actor id (hex) -> "rollout worker 3"
+        self._calls: dict = {}  # pending ref -> (method, actor id)
+
+    def __getstate__(self):
+        # Pickled into the coordinator: roles travel, pending calls do not.
+        return {**self.__dict__, "_calls": {}, "_names": dict(self._names)}
 
     def make(self, cls, options: dict, *args, **kw):
         import ray
 
-        return ray.remote(**options)(cls).remote(*args, **kw)
+        from dqd_ray.waits import actor_id_of
+
+        options = dict(options)
+        role = options.pop("role", cls.__name__)
+        handle = ray.remote(**options)(cls).remote(*args, **kw)
+        self._roles[actor_id_of(handle) or ""] = role
+        return handle
 
     def call(self, handle, method: str, *args, group: str | None = None, **kw):
+        from dqd_ray.waits import actor_id_of
+
         m = getattr(handle, method)
         if group is not None:
             m = m.options(concurrency_group=group)
-        return m.remote(*args, **kw)
+        ref = m.remote(*args, **kw)
+        if len(self._calls) > 4096:  # refs never waited for (fire and forget)
+            self._calls.clear()
+        self._calls[ref] = (method, actor_id_of(handle))
+        return ref
+
+    def _what(self, ref) -> tuple[str, str, str | None]:
+        method, aid = self._calls.get(ref, ("?", None))
+        return self._roles.get(aid or "", "an actor"), method, aid
+
+    def _forget(self, refs) -> None:
+        for r in refs:
+            self._calls.pop(r, None)
 
     def get(self, futures, timeout: float | None = None):
-        """Results; a TimeoutError names the wait when ``timeout`` passes first."""
+        """Results; a :class:`~dqd_ray.waits.CallTimeoutError` (a ``TimeoutError``)
+        names the role, call and node when a deadline passes first (``timeout``,
+        default ``call_timeout_s``)."""
+        from dqd_ray.waits import get_refs
+
+        try:
+            return get_refs(futures, timeout_s=timeout or self.call_timeout_s,
+                            restart_timeout_s=self.restart_timeout_s, what=self._what)
+        finally:
+            self._forget(futures if isinstance(futures, list) else [futures])
+
+    def wait_any(self, futures: list) -> tuple[Any, list]:
+        """The first of ``futures`` to finish; a deadline error when none answers
+        within ``call_timeout_s``."""
+        from dqd_ray.waits import wait_refs
+
+        done, rest = wait_refs(futures, 1, timeout_s=self.call_timeout_s,
+                               restart_timeout_s=self.restart_timeout_s, what=self._what)
+        return done[0], rest
+
+    def get_long(self, future, ping):
+        """A call that may legitimately run long (a whole iteration, made of
+        many bounded calls): waited for as long as ``ping()`` (a call to the same
+        actor in another concurrency group) keeps answering within
+        ``call_timeout_s``, so a wedged actor is still found out."""
         import ray
 
         try:
-            return ray.get(futures, timeout=timeout)
-        except ray.exceptions.GetTimeoutError as err:
-            raise TimeoutError(f"no answer within {timeout:g} s") from err
-
-    def wait_any(self, futures: list) -> tuple[Any, list]:
-        import ray
-
-        done, rest = ray.wait(futures, num_returns=1)
-        return done[0], rest
+            while True:
+                done, _ = ray.wait([future], timeout=self.call_timeout_s, fetch_local=False)
+                if done:
+                    return ray.get(future)
+                self.get(ping())
+        finally:
+            self._forget([future])
 
     def put(self, value):
         import ray
 
         return ray.put(value)
 
+    # Workers and learners give the replay buffer half the deadline: when it is
+    # the one stuck, its own deadline fires first and the message names it, not
+    # the worker or learner waiting on it.
     def sink(self, replay):
-        return ReplaySink(self._names.get(id(replay), replay))
+        return ReplaySink(self._names.get(id(replay), replay), timeout_s=self.call_timeout_s / 2,
+                          restart_timeout_s=self.restart_timeout_s)
 
     def sampler(self, replay):
-        return ReplayActorSampler(self._names.get(id(replay), replay))
+        return ReplayActorSampler(self._names.get(id(replay), replay),
+                                  timeout_s=self.call_timeout_s / 2,
+                                  restart_timeout_s=self.restart_timeout_s)
 
     def named(self, handle, name: str):
         """Remembers that ``handle`` was created under ``name`` (see :meth:`sink`)."""
@@ -179,6 +245,16 @@ class OnRay:
 
 
 PLACEMENTS = {"inprocess": InProcess, "ray": OnRay}
+
+
+def make_placement(name: str, resources) -> InProcess | OnRay:
+    """The placement ``name`` with the deadlines of ``resources`` (Ray only)."""
+    if name not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {sorted(PLACEMENTS)}, got {name!r}")
+    if name == "ray":
+        return OnRay(call_timeout_s=resources.call_timeout_s,
+                     restart_timeout_s=resources.wait_for_resources_s)
+    return InProcess()
 
 
 from dqd_ray.replay_actor import (  # noqa: E402,F401 - re-exported
@@ -312,12 +388,13 @@ class LearnerGroup:
         try:
             ids = p.get([p.call(lr, "incarnation_id", group="grad") for lr in self.learners],
                         timeout=self.restart_timeout_s)
-        except TimeoutError:
-            raise RuntimeError(
-                f"a learner did not answer within {self.restart_timeout_s:g} s: it is "
-                "restarting and no node can host it (resources.learner_resource, GPUs?); "
-                "the run's checkpoints are intact: add nodes and `dqd-ray resume` it, or "
-                "raise resources.wait_for_resources_s") from None
+        except TimeoutError as err:
+            from dqd_ray.waits import CallTimeoutError
+
+            raise CallTimeoutError(
+                f"{err} (a learner restarting with no node to host it? "
+                "resources.learner_resource, GPUs); add nodes and resume the run, or raise "
+                "resources.wait_for_resources_s") from None
         if self._known is None:
             self._known = ids
             return False
@@ -509,7 +586,7 @@ class ResourceError(RuntimeError):
 # Settings that place or size Ray actors: in process they have nothing to act on.
 RAY_ONLY_RESOURCES = ("cpus_per_worker", "cpus_per_learner", "rollout_resource",
                       "learner_resource", "replay_resource", "pin_to_head",
-                      "wait_for_resources_s")
+                      "wait_for_resources_s", "call_timeout_s")
 
 
 def _warn_ray_only_fields(r) -> None:
@@ -651,31 +728,69 @@ def resolve_resources(cfg: ExperimentConfig, placement: str = "ray") -> tuple[in
     if n is None:
         n = max(1, int((res.get("CPU", 1) - learner_cpus) / r.cpus_per_worker + 1e-9))
     need = graph_needs(cfg, n, gpus)
+    bundles = graph_bundles(cfg, n, gpus)
     missing = _missing(need, res)
-    if not missing:
+    # Totals are not enough: each actor's bundle must fit on one node, or it
+    # waits forever (a placement group's bundles were placed by Tune already).
+    homeless = [] if pg is not None else _homeless(bundles, _node_resources())
+    if not missing and not homeless:
         return n, gpus
     if pg is not None:  # nothing will ever add resources to a placement group
         raise ResourceError(_describe(missing, where, n, cfg)
                             + "; the trial's bundles must match its config")
     if _started_here():
-        raise ResourceError(_describe(missing, "this machine's Ray", n, cfg))
+        if missing:
+            raise ResourceError(_describe(missing, "this machine's Ray", n, cfg))
+        raise ResourceError(_describe_homeless(homeless, "this machine's Ray"))
     import ray
 
-    _request_from_autoscaler(graph_bundles(cfg, n, gpus))
+    _request_from_autoscaler(bundles)
     t0 = time.monotonic()
     last_msg = -1e9
-    while missing and time.monotonic() - t0 < r.wait_for_resources_s:
+    while (missing or homeless) and time.monotonic() - t0 < r.wait_for_resources_s:
         if time.monotonic() - last_msg >= 30:
             _warn(f"waiting up to {r.wait_for_resources_s:g} s for the autoscaler: "
-                  + ", ".join(f"{k} {v:g} needed, {h:g} now" for k, (v, h) in missing.items()))
+                  + ", ".join([f"{k} {v:g} needed, {h:g} now" for k, (v, h) in missing.items()]
+                              + [f"a node for {b}" for b in homeless[:1]]))
             last_msg = time.monotonic()
-        time.sleep(2.0)
+        time.sleep(min(2.0, max(0.0, r.wait_for_resources_s - (time.monotonic() - t0))))
         missing = _missing(need, ray.cluster_resources())
-    if missing:
+        homeless = _homeless(bundles, _node_resources())
+    if missing or homeless:
         _request_from_autoscaler([])  # withdraw the request: nothing will use it
-        raise ResourceError(_describe(missing, f"the cluster (after waiting "
-                                      f"{r.wait_for_resources_s:g} s)", n, cfg))
+        where = f"the cluster (after waiting {r.wait_for_resources_s:g} s)"
+        if missing:
+            raise ResourceError(_describe(missing, where, n, cfg))
+        raise ResourceError(_describe_homeless(homeless, where))
     return n, gpus
+
+
+def _node_resources() -> list[dict]:
+    """Each live node's total resources (what one actor's bundle can be given)."""
+    import ray
+
+    return [dict(nd.get("Resources", {}), _ip=nd.get("NodeManagerAddress", "?"))
+            for nd in ray.nodes() if nd.get("Alive")]
+
+
+def _homeless(bundles: list[dict], nodes: list[dict]) -> list[dict]:
+    """The bundles that no single node can hold (deduplicated, in order)."""
+    def fits(b, nd):
+        return all(v <= nd.get(k, 0.0) + 1e-9 for k, v in b.items())
+
+    out: list[dict] = []
+    for b in bundles:
+        if b not in out and not any(fits(b, nd) for nd in nodes):
+            out.append(b)
+    return out
+
+
+def _describe_homeless(homeless: list[dict], where: str) -> str:
+    bundle = ", ".join(f"{k} {v:g}" for k, v in homeless[0].items())
+    return (f"an actor of the graph asks for {{{bundle}}} in one bundle but no single node "
+            f"of {where} can hold it, although the totals would: lower "
+            "resources.cpus_per_worker or cpus_per_learner (or num_gpus_per_learner), or add "
+            "a node type that large")
 
 
 def _request_from_autoscaler(bundles: list[dict]) -> None:
@@ -709,12 +824,10 @@ class System:
 
     def __init__(self, cfg: ExperimentConfig, placement: str = "ray",
                  torch_threads: int | None = None, run_dir=None):
-        if placement not in PLACEMENTS:
-            raise ValueError(f"placement must be one of {sorted(PLACEMENTS)}, got {placement!r}")
         self.cfg = cfg
         self.placement_name = placement
-        self.p = p = PLACEMENTS[placement]()
         r = cfg.resources
+        self.p = p = make_placement(placement, r)
         torch_threads = torch_threads or r.torch_threads
         meta = env_metadata(cfg.env.id)
         seeds = Seeds(cfg.seed)
@@ -747,16 +860,18 @@ class System:
                                max_restarts=-1, max_task_retries=-1)
             if run_dir is not None:
                 replay_kw["checkpoints"] = str(Path(run_dir).resolve() / "checkpoints")
-        self.replay = p.make(ReplayActor, replay_opts, meta.obs_dim, meta.act_dim,
+        self.replay = p.make(ReplayActor, {**replay_opts, "role": "the replay buffer"},
+                             meta.obs_dim, meta.act_dim,
                              1 + meta.measure_dim, cfg.td3.replay_capacity,
                              seed=Seeds.to_int(seeds.replay), **replay_kw)
         if placement == "ray":
             p.named(self.replay, replay_opts["name"])
         self.workers = [
-            p.make(RolloutWorker, worker_opts, cfg.env.id, spec, num_envs=r.envs_per_worker,
-                   episode_length=cfg.env.episode_length, chunk_size=r.chunk_size,
-                   sink=p.sink(self.replay), time_limit_done=cfg.td3.time_limit_done)
-            for _ in range(n_workers)
+            p.make(RolloutWorker, {**worker_opts, "role": f"rollout worker {i}"}, cfg.env.id,
+                   spec, num_envs=r.envs_per_worker, episode_length=cfg.env.episode_length,
+                   chunk_size=r.chunk_size, sink=p.sink(self.replay),
+                   time_limit_done=cfg.td3.time_limit_done)
+            for i in range(n_workers)
         ]
         self.splits = split_objectives(list(needs.critic_objectives), r.num_learners) \
             if needs.critic_objectives else []
@@ -771,10 +886,11 @@ class System:
         if r.learner_resource:
             learner_opts["resources"] = {r.learner_resource: 1}
         self.learners = [
-            p.make(Learner, learner_opts, spec, 1 + meta.measure_dim, cfg.td3,
-                   p.sampler(self.replay), device=device, seed=Seeds.to_int(seeds.learners),
-                   objectives=objs, torch_threads=torch_threads)
-            for objs in self.splits
+            p.make(Learner, {**learner_opts, "role": f"learner {i} (objectives {objs})"}, spec,
+                   1 + meta.measure_dim, cfg.td3, p.sampler(self.replay), device=device,
+                   seed=Seeds.to_int(seeds.learners), objectives=objs,
+                   torch_threads=torch_threads)
+            for i, objs in enumerate(self.splits)
         ]
         self.learner_device = "cuda" if gpus > 0 else "cpu"
         self.group = LearnerGroup(
@@ -787,8 +903,11 @@ class System:
                                                      keyed=self.sync)
         es = ESGradient(cfg.es.sigma, cfg.es.num_samples, seed=Seeds.to_int(seeds.es)) \
             if needs.es_rows else None
+        # Its own concurrency group answers the driver's liveness pings while
+        # an iteration runs (OnRay.get_long).
         self.coordinator = p.make(
-            Coordinator, central_opts,
+            Coordinator, {**central_opts, "role": "the coordinator",
+                          "concurrency_groups": {"ping": 1}},
             solution_dim=spec.genome_dim, x0=initial_theta(cfg, spec, seeds),
             archive_dims=cfg.env.resolved_dims(), archive_ranges=cfg.env.resolved_ranges(),
             qd_offset=meta.qd_offset, algorithm=cfg.algorithm, evaluator=evaluator,
@@ -816,7 +935,9 @@ class System:
             self.p.get([self.p.call(lr, "start_async", group="train") for lr in self.learners])
 
     def iteration(self) -> dict:
-        m = self._get(self.coordinator, "iteration")
+        p = self.p
+        m = p.get_long(p.call(self.coordinator, "iteration"),
+                       ping=lambda: p.call(self.coordinator, "heartbeat", group="ping"))
         if self.group is not None and not self.sync:
             m.update(loss_metrics(self.group.stats()))  # raises if training failed
         return m
@@ -907,10 +1028,8 @@ class EvaluationPool:
 
     def __init__(self, cfg: ExperimentConfig, placement: str = "ray",
                  num_workers: int | None = None):
-        if placement not in PLACEMENTS:
-            raise ValueError(f"placement must be one of {sorted(PLACEMENTS)}, got {placement!r}")
-        self.p = p = PLACEMENTS[placement]()
         r = cfg.resources
+        self.p = p = make_placement(placement, r)
         n = num_workers or r.num_rollout_workers
         if not n:
             if placement == "ray":
@@ -922,9 +1041,10 @@ class EvaluationPool:
                 n = 1
         spec = PolicySpec.from_config(cfg.env.id, cfg.policy)
         opts = {"num_cpus": r.cpus_per_worker, "max_restarts": -1, "max_task_retries": -1}
-        self.workers = [p.make(RolloutWorker, opts, cfg.env.id, spec,
-                               num_envs=r.envs_per_worker, episode_length=cfg.env.episode_length)
-                        for _ in range(n)]
+        self.workers = [p.make(RolloutWorker, {**opts, "role": f"rollout worker {i}"},
+                               cfg.env.id, spec, num_envs=r.envs_per_worker,
+                               episode_length=cfg.env.episode_length)
+                        for i in range(n)]
         self.evaluator = PooledEvaluator(p, self.workers, None,
                                          chunk=max(1, min(r.envs_per_worker, 8)))
 

@@ -542,19 +542,22 @@ class TuneReportSink:
         pass
 
 
-def run_trial(config: dict, *, sweep_parts: tuple, wandb_mode: str) -> None:
+def run_trial(config: dict, *, sweep_parts: tuple, wandb_mode: str | None = None) -> None:
     """The function trainable: one trial is one whole dqd-ray run.
 
     Builds the trial's config from the sweep (``config`` holds the sampled
     values), then starts fresh or restores from ``ray.tune.get_checkpoint()``
     (a retry, ``Tuner.restore`` or a PBT exploit), and runs the shared loop
-    in ``<trial dir>/run``.
+    in ``<trial dir>/run``. ``wandb_mode``: the ``WANDB_MODE`` the user set
+    where the sweep started, if any; without it the trial's own node decides
+    (online only with a ``WANDB_API_KEY`` in that node's environment).
     """
     from ray import tune
 
     from dqd_ray.loop import Experiment
 
-    os.environ["WANDB_MODE"] = wandb_mode
+    if wandb_mode:
+        os.environ["WANDB_MODE"] = wandb_mode
     sweep = Sweep.from_parts(*sweep_parts)
     cfg = sweep.trial_config(config)
     if cfg.logging.progress_bar:  # Tune prints its own table; bars would interleave with it
@@ -575,7 +578,7 @@ def run_trial(config: dict, *, sweep_parts: tuple, wandb_mode: str) -> None:
     exp.run(sinks=[TuneReportSink()])
 
 
-def make_trainable(sweep: Sweep, wandb_mode: str):
+def make_trainable(sweep: Sweep, wandb_mode: str | None = None):
     from ray import tune
 
     def resources(config: dict):
@@ -607,13 +610,22 @@ def make_scheduler(sweep: Sweep):
 
 
 def wandb_env() -> dict[str, str]:
-    """Environment the trials need for wandb: offline unless there is an API key."""
-    from dqd_ray.logging import wandb_mode
+    """What the trials are told about wandb: ``WANDB_MODE`` when the user set
+    it here, else nothing (each trial's node then decides: online only with a
+    key in its own environment, see :func:`dqd_ray.logging.wandb_mode`).
 
-    env = {"WANDB_MODE": wandb_mode()}
-    if os.environ.get("WANDB_API_KEY"):
-        env["WANDB_API_KEY"] = os.environ["WANDB_API_KEY"]
-    return env
+    Never ``WANDB_API_KEY`` or any other secret: what goes in a job's
+    ``runtime_env`` is logged by Ray and kept in its job table. Nodes read
+    the key from their own environment (``cluster/*.yaml``, README
+    "Security"); a local Ray started here inherits this process's.
+    """
+    mode = os.environ.get("WANDB_MODE")
+    return {"WANDB_MODE": mode} if mode else {}
+
+
+def sweep_runtime_env() -> dict:
+    """The ``runtime_env`` of the sweep's Ray job (see :func:`wandb_env`)."""
+    return {"env_vars": wandb_env()}
 
 
 def _cluster_view() -> tuple[dict, list[dict]]:
@@ -664,6 +676,61 @@ def write_csv(rows: list[dict], path: Path) -> None:
         w.writerows(rows)
 
 
+def check_experiment_dir_private(exp_dir: Path, limit: int = 5) -> None:
+    """Refuses to resume from an experiment directory someone else could have changed.
+
+    ``Tuner.restore`` unpickles Tune's own state from the experiment
+    directory (``tuner.pkl``; ``experiment_state-*.json``,
+    ``basic-variant-state-*.json``, ``searcher-state-*.pkl`` and
+    ``callback-states-*.pkl`` hold cloudpickle payloads too, and a trial's
+    ``error.pkl`` is unpickled when its error is read), and the trials then
+    load their checkpoints from the trial directories: whoever can write any
+    of it can run code as this user. So the directory, and every directory
+    and file under it (symlinks followed), must be owned by this user and
+    writable by neither group nor others (``mode & 0o022 == 0``).
+
+    Raises:
+        ConfigError: Naming up to ``limit`` offending paths, why, and the fix.
+    """
+    uid = os.getuid()
+    bad: list[str] = []
+
+    def check(p: Path) -> None:
+        try:
+            st = os.stat(p)
+        except FileNotFoundError:  # a dangling link, or removed while walking
+            return
+        why = []
+        if st.st_uid != uid:
+            why.append(f"owned by uid {st.st_uid}, not you (uid {uid})")
+        if st.st_mode & 0o022:
+            who = " and ".join(w for w, bit in (("group", 0o020), ("others", 0o002))
+                               if st.st_mode & bit)
+            why.append(f"writable by {who} (mode {st.st_mode & 0o7777:o})")
+        if why:
+            bad.append(f"{p}: {', '.join(why)}")
+
+    check(exp_dir)
+    seen = set()
+    for root, dirs, files in os.walk(exp_dir, followlinks=True):
+        st = os.stat(root)
+        if (st.st_dev, st.st_ino) in seen:  # a link loop: walked already
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        for name in dirs + files:
+            check(Path(root) / name)
+    if bad:
+        more = f" (and {len(bad) - limit} more)" if len(bad) > limit else ""
+        raise ConfigError(
+            f"refusing to resume {exp_dir}: Tune's own state there is a pickle (tuner.pkl "
+            "and others), which runs code when loaded, so the experiment directory and "
+            "everything in it must be yours and writable by no one else. Found: "
+            + "; ".join(bad[:limit]) + more + f". If nobody else could have changed it, "
+            f"fix it with `chmod -R go-w {exp_dir}` (files owned by another user: copy the "
+            "directory as yourself and resume the copy)")
+
+
 def run_sweep(path: str | Path, sets: list[str] | None = None, *, address: str | None = None,
               num_cpus: int | None = None, resume: bool = False, dry_run: bool = False,
               verbose: int = 1) -> dict:
@@ -684,6 +751,8 @@ def run_sweep(path: str | Path, sets: list[str] | None = None, *, address: str |
         raise ConfigError(f"{exp_dir} already holds this sweep: continue it with --resume, or "
                           "choose another name (--set name=...)")
     if resume:
+        if exp_dir.exists():  # before anything there is read, Tuner.restore above all
+            check_experiment_dir_private(exp_dir)
         if not (exp_dir / "sweep.yaml").exists():
             raise ConfigError(f"{exp_dir} holds no sweep to resume (run it without --resume "
                               "first)")
@@ -709,8 +778,8 @@ def run_sweep(path: str | Path, sets: list[str] | None = None, *, address: str |
 
     from dqd_ray.loop import init_ray
 
-    env = wandb_env()
-    init_ray(address, num_cpus, runtime_env={"env_vars": env})
+    runtime_env = sweep_runtime_env()
+    init_ray(address, num_cpus, runtime_env=runtime_env)
     cluster, nodes = _cluster_view()
     where = f"the cluster at {address}" if address else "this Ray instance"
     for cfg in _distinct_configs(sweep):
@@ -720,7 +789,7 @@ def run_sweep(path: str | Path, sets: list[str] | None = None, *, address: str |
         return {"sweep": sweep.name, "trials": sweep.num_trials(), "dry_run": True}
 
     tc = sweep.spec.tune_config
-    trainable = make_trainable(sweep, env["WANDB_MODE"])
+    trainable = make_trainable(sweep, runtime_env["env_vars"].get("WANDB_MODE"))
     keep = sweep.spec.trial.checkpoints_to_keep
     if keep is None and not isinstance(tc.scheduler, PBTScheduler):
         keep = max(2, min(c.checkpoint.keep for c in sweep.base_configs.values()))

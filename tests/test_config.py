@@ -240,6 +240,8 @@ def test_unknown_keys_name_the_field(item, field):
     ("algorithm.num_emitters=0", "algorithm.num_emitters"),
     ("policy.hidden_sizes=[64, -1]", "policy.hidden_sizes"),
     ("resources.envs_per_worker=0", "resources.envs_per_worker"),
+    ("resources.num_rollout_workers=0", "resources.num_rollout_workers"),
+    ("resources.num_rollout_workers=-2", "resources.num_rollout_workers"),
     ("env.archive_dims=[]", "env.archive_dims"),
     ("env.archive_dims=[3, 0, 3, 3]", "env.archive_dims"),
     ("env.id=QDCartpole-v0", "env.id"),
@@ -251,6 +253,19 @@ def test_invalid_values_name_the_field(item, field):
     with pytest.raises(ConfigError) as err:
         build_config(sets=[item])
     assert field in str(err.value)
+
+
+def test_no_rollout_workers_is_refused_with_the_fix():
+    """0 workers used to pass validation and end in an IndexError once the graph
+    was built; unset (null) still means one per free CPU."""
+    with pytest.raises(ConfigError) as err:
+        build_config(sets=["resources.num_rollout_workers=0"])
+    assert ("resources.num_rollout_workers: Value error, a run needs at least 1 rollout "
+            "worker, got 0: set a positive number, or leave it unset (null)") in str(err.value)
+    assert build_config(sets=["resources.num_rollout_workers=null"]).resources \
+        .num_rollout_workers is None
+    assert build_config(sets=["resources.num_rollout_workers=1"]).resources \
+        .num_rollout_workers == 1
 
 
 def test_archive_dims_length_must_match_env():

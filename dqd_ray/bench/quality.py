@@ -48,6 +48,16 @@ def _fmt(s: dict, pct: bool = False) -> str:
         f"{mean:,.{digits}f}{unit}"
 
 
+def curves_of(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The curves of the runs (``run_dir``, ``preset``, ``seed``), read from
+    their ``metrics.jsonl`` as ``show`` reads them (a torn last line, left by a
+    crash, is dropped with a warning)."""
+    from dqd_ray.results import load_run
+
+    return [{"label": f"{r['preset']} seed {r['seed']}", "group": r["preset"],
+             "metrics": load_run(r["run_dir"], need_archive=False).metrics} for r in runs]
+
+
 def run(env_ids: tuple[str, ...] = ("QDAntBulletEnv-v0",),
         presets: tuple[str, ...] = ("cma_mega_es", "cma_mega_td3_es", "pga_me", "me_es",
                                     "map_elites"),
@@ -140,9 +150,7 @@ def run(env_ids: tuple[str, ...] = ("QDAntBulletEnv-v0",),
     plots = []
     for env_id in env_ids:
         tag = env_id.replace("BulletEnv-v0", "")
-        curve_runs = [{"label": f"{r['preset']} seed {r['seed']}", "group": r["preset"],
-                       "metrics": load_run(r["run_dir"], need_archive=False).metrics}
-                      for r in runs if r["env"] == env_id]
+        curve_runs = curves_of([r for r in runs if r["env"] == env_id])
         for x, name in (("evaluations", "evaluations"), ("wall_s", "wall_time")):
             path = root / f"quality_{tag}_{name}.png"
             viz.curves(curve_runs, x, path)

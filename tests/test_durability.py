@@ -1,0 +1,421 @@
+"""Nothing lost on a crash, and the end of a run reaches wandb.
+
+- iteration N's metrics line is on disk (fsynced) before checkpoint N;
+- a torn last line of ``metrics.jsonl`` (a crash while it was written) is
+  dropped with a warning by ``resume``, ``show`` and ``bench quality``; any
+  other corrupt line is an error naming the file and the line;
+- the files the loop rewrites (``metrics.jsonl`` after a resume from an older
+  checkpoint, ``config.yaml``, ``summary.json``) are replaced atomically;
+- a run directory takes one process at a time (``RUN_DIR/.lock``), and a lock
+  left by a dead process is taken over with a warning;
+- the final heatmap and GIF are logged at a step wandb accepts, in a fresh run
+  and after a resume (read back from the offline run's ``.wandb`` file).
+
+Tiny in-process MAP-Elites runs (real physics, a few seconds each).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from dqd_ray import checkpoint as ckpt
+from dqd_ray.bench.quality import curves_of
+from dqd_ray.cli import main
+from dqd_ray.config import ConfigError, build_config
+from dqd_ray.logging import (JsonlSink, MetricsFileError, RunDirInUse, RunLock,
+                             atomic_write_text, read_jsonl)
+from dqd_ray.loop import Experiment, read_metrics
+
+TINY = ["env.id=QDHalfCheetahBulletEnv-v0", "env.episode_length=30", "algorithm.batch_size=4",
+        "metrics.robustness_every=0", "checkpoint.every=1", "logging.progress_bar=false",
+        "logging.final_gif=false", "resources.envs_per_worker=2"]
+TORN = '{"iteration": 4, "evaluations": 16, "qd_sc'  # a line cut by a crash
+
+
+def tiny(*extra):
+    return build_config("map_elites", sets=[*TINY, *extra])
+
+
+def new_run(run_dir: Path, *extra) -> Path:
+    Experiment.create(tiny(*extra), run_dir, backend="inprocess").run()
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """A finished 3-iteration run (checkpoints 2 and 3 kept); tests copy it."""
+    return new_run(tmp_path_factory.mktemp("finished") / "run", "iterations=3")
+
+
+@pytest.fixture
+def run_dir(finished, tmp_path) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    return out
+
+
+def iterations(run_dir: Path) -> list[int]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the file must read back clean
+        return [m["iteration"] for m in read_metrics(run_dir)]
+
+
+# -- iteration N's metrics line before checkpoint N -------------------------------------
+
+
+def test_metrics_line_is_fsynced_before_its_checkpoint(tmp_path, monkeypatch):
+    """A crash between the two can lose a checkpoint (the run resumes from the
+    one before), never a metrics line: at every save (in the loop and the
+    final one) the iteration's line is already in metrics.jsonl, flushed and
+    fsynced. Sinks after the checkpoint (Tune's report) still get its path."""
+    real_save, real_fsync = ckpt.save_checkpoint, os.fsync
+    seen, synced, reported = [], [], []
+
+    def save(root, iteration, *args, **kw):
+        lines = (root.parent / "metrics.jsonl").read_text().splitlines()
+        seen.append((iteration, json.loads(lines[-1])["iteration"], len(synced)))
+        return real_save(root, iteration, *args, **kw)
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}") if Path("/proc/self/fd").exists()
+                      else fd)
+        return real_fsync(fd)
+
+    class Report:  # what TuneReportSink needs: the metrics and the checkpoint just saved
+        def wants_archive(self, iteration):
+            return False
+
+        def log(self, metrics, archive=None, checkpoint=None):
+            reported.append((metrics["iteration"], checkpoint and Path(checkpoint).name))
+            assert checkpoint is None or (Path(checkpoint) / "manifest.json").exists()
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", save)
+    monkeypatch.setattr(os, "fsync", fsync)
+    out = tmp_path / "run"
+    Experiment.create(tiny("iterations=3", "checkpoint.every=2"), out,
+                      backend="inprocess").run(sinks=[Report()])
+    # Checkpoint 2 in the loop, 3 at the end (3 is not a multiple of every=2).
+    assert [(it, line) for it, line, _ in seen] == [(2, 2), (3, 3)]
+    metrics_syncs = [n for n, path in enumerate(synced) if str(path).endswith("metrics.jsonl")]
+    for it, _, n_synced in seen:  # every line up to the iteration fsynced before its save
+        assert sum(1 for n in metrics_syncs if n < n_synced) == it
+    assert reported == [(1, None), (2, "ckpt_0000002"), (3, None)]
+    assert iterations(out) == [1, 2, 3]
+
+
+def test_jsonl_sink_fsyncs_every_line(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(os, "fsync", lambda fd: calls.append(fd))
+    sink = JsonlSink(tmp_path / "metrics.jsonl")
+    try:
+        for i in (1, 2):
+            sink.log({"iteration": i, "qd_score": float("nan")})
+            assert calls[-1] == sink.f.fileno()
+            assert (tmp_path / "metrics.jsonl").read_text().count("\n") == i  # flushed
+    finally:
+        sink.close()
+    assert read_jsonl(tmp_path / "metrics.jsonl")[0] == {"iteration": 1, "qd_score": None}
+
+
+# -- a torn last line ------------------------------------------------------------------
+
+
+def test_reader_drops_a_torn_last_line_and_names_any_other_bad_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"iteration": 1}\n{"iteration": 2}\n\n' + TORN)
+    with pytest.warns(UserWarning, match=r"metrics.jsonl: dropped its torn last line"):
+        assert read_jsonl(path) == [{"iteration": 1}, {"iteration": 2}]
+    path.write_text('{"iteration": 1}\n{"iteration": 2}\n\0\0\0\0\n')  # a zero-filled tail
+    with pytest.warns(UserWarning, match="torn last line"):
+        assert len(read_jsonl(path)) == 2
+    path.write_text('{"iteration": 1}\n' + TORN + '\n{"iteration": 3}\n')
+    with pytest.raises(MetricsFileError, match=rf"{path}, line 2: not a JSON object"):
+        read_jsonl(path)
+    path.write_text('{"iteration": 1}\n[1, 2]\n{"iteration": 3}\n')
+    with pytest.raises(ConfigError, match="line 2: not a JSON object \\(a JSON list\\)"):
+        read_jsonl(path)
+    path.write_text('{"iteration": 1}\n')
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert read_jsonl(path) == [{"iteration": 1}]
+
+
+@pytest.mark.parametrize("tail", [TORN, TORN + "\n", '{"iteration": 4}'],
+                         ids=["cut", "cut-newline", "whole-no-newline"])
+def test_resume_drops_a_torn_last_line_and_appends_whole_lines(run_dir, tail):
+    """The crash hit the metrics line of iteration 4 (so before checkpoint 4):
+    the run resumes from checkpoint 3, drops the torn line (warning) and
+    writes iteration 4 again on a line of its own."""
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(tail)
+    exp = Experiment.resume(run_dir, ["iterations=4"], backend="inprocess")
+    if tail.startswith(TORN):
+        with pytest.warns(UserWarning, match="dropped its torn last line"):
+            exp.run()
+    else:  # a whole line past checkpoint 3: an abandoned continuation
+        exp.run()
+        assert (run_dir / "metrics.abandoned.jsonl").read_text() == tail + "\n"
+    assert iterations(run_dir) == [1, 2, 3, 4]
+
+
+def test_resume_refuses_a_corrupt_line_before_the_last_before_starting(run_dir, capsys):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    lines[1] = lines[1][:20]
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    before = sorted(p.name for p in run_dir.iterdir())
+    assert main(["resume", str(run_dir), "--local-inprocess", "--set", "iterations=4"]) == 2
+    err = capsys.readouterr().err
+    assert f"{run_dir / 'metrics.jsonl'}, line 2: not a JSON object" in err
+    assert sorted(p.name for p in run_dir.iterdir()) == before  # nothing ran
+    assert not (run_dir / RunLock.NAME).exists()
+
+
+def test_show_and_bench_quality_drop_a_torn_last_line(run_dir, tmp_path, capsys):
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(TORN)
+    with pytest.warns(UserWarning, match="dropped its torn last line"):
+        assert main(["show", str(run_dir), "--out", str(tmp_path / "show")]) == 0
+    rows = json.loads((tmp_path / "show" / "summary.json").read_text())
+    assert rows[0]["iteration"] == 3  # the last whole line
+    with pytest.warns(UserWarning, match="dropped its torn last line"):
+        (curve,) = curves_of([{"run_dir": str(run_dir), "preset": "map_elites", "seed": 0}])
+    assert [m["iteration"] for m in curve["metrics"]] == [1, 2, 3]
+    # A bad line that is not the last stays an error, with its file and line.
+    lines = (run_dir / "metrics.jsonl").read_text().split("\n")
+    (run_dir / "metrics.jsonl").write_text("\n".join([lines[0], "{oops", *lines[1:]]))
+    capsys.readouterr()
+    assert main(["show", str(run_dir), "--out", str(tmp_path / "show2")]) == 2
+    assert "metrics.jsonl, line 2: not a JSON object" in capsys.readouterr().err
+    with pytest.raises(MetricsFileError, match="line 2"):
+        curves_of([{"run_dir": str(run_dir), "preset": "map_elites", "seed": 0}])
+
+
+# -- atomic rewrites -------------------------------------------------------------------
+
+
+def _fail_replace(monkeypatch):
+    def replace(src, dst):
+        raise OSError(28, "No space left on device (simulated)")
+
+    monkeypatch.setattr(os, "replace", replace)
+
+
+def test_atomic_write_leaves_the_old_file_or_the_new_one(tmp_path, monkeypatch):
+    path = tmp_path / "summary.json"
+    atomic_write_text(path, "old")
+    with monkeypatch.context() as m:
+        _fail_replace(m)
+        with pytest.raises(OSError, match="simulated"):
+            atomic_write_text(path, "new")
+    assert path.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]  # no temporary left
+    atomic_write_text(path, "new")
+    assert path.read_text() == "new" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_metrics_rewrite_after_a_fallback_resume_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "metrics.jsonl"
+    text = "".join(json.dumps({"iteration": i}) + "\n" for i in (1, 2, 3, 4)) + TORN
+    path.write_text(text)
+    fake = SimpleNamespace(run_dir=tmp_path)
+    with monkeypatch.context() as m:
+        _fail_replace(m)
+        with pytest.warns(UserWarning, match="torn"), pytest.raises(OSError, match="simulated"):
+            Experiment._truncate_metrics(fake, 2)
+    assert path.read_text() == text  # untouched; the abandoned lines were saved first
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    with pytest.warns(UserWarning, match="torn"):
+        Experiment._truncate_metrics(fake, 2)
+    assert [m["iteration"] for m in read_jsonl(path)] == [1, 2]
+    abandoned = read_jsonl(tmp_path / "metrics.abandoned.jsonl")
+    assert [m["iteration"] for m in abandoned] == [3, 4, 3, 4]  # once per attempt, none lost
+
+
+def test_config_rewrite_on_resume_is_atomic_and_a_failure_releases_the_lock(run_dir,
+                                                                           monkeypatch):
+    before = (run_dir / "config.yaml").read_text()
+    with monkeypatch.context() as m:
+        _fail_replace(m)
+        with pytest.raises(OSError, match="simulated"):
+            Experiment.resume(run_dir, ["iterations=5"], backend="inprocess")
+    assert (run_dir / "config.yaml").read_text() == before
+    assert not [p for p in run_dir.iterdir() if ".tmp-" in p.name]
+    assert not (run_dir / RunLock.NAME).exists()
+    exp = Experiment.resume(run_dir, ["iterations=5"], backend="inprocess")  # not locked out
+    assert "iterations: 5" in (run_dir / "config.yaml").read_text()
+    del exp
+
+
+# -- one process per run directory ------------------------------------------------------
+
+
+HOLD = """
+import sys, time
+from dqd_ray.logging import RunLock
+lock = RunLock(sys.argv[1]).acquire()
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_second_run_or_resume_on_a_directory_in_use_is_refused(run_dir, tmp_path, capsys):
+    exp = Experiment.resume(run_dir, ["iterations=4"], backend="inprocess")
+    info = json.loads((run_dir / RunLock.NAME).read_text())
+    assert info["pid"] == os.getpid() and info["host"] == socket.gethostname()
+    me = f"pid {os.getpid()} on host {socket.gethostname()}"
+    with pytest.raises(RunDirInUse, match=f"is in use by {me}"):
+        Experiment.resume(run_dir, ["iterations=4"], backend="inprocess")
+    assert main(["resume", str(run_dir), "--local-inprocess"]) == 2
+    assert f"{run_dir} is in use by {me}" in capsys.readouterr().err
+    with pytest.raises(RunDirInUse, match=me):  # a Tune restore into it
+        Experiment.restore(tiny("iterations=4"), run_dir, ckpt.list_checkpoints(
+            run_dir / "checkpoints")[-1], backend="inprocess")
+    exp.run()  # the holder itself runs on, and releases the lock at the end
+    assert not (run_dir / RunLock.NAME).exists()
+    assert iterations(run_dir) == [1, 2, 3, 4]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # released cleanly: no stale-lock warning
+        Experiment.resume(run_dir, ["iterations=4"], backend="inprocess").run()
+    assert not (run_dir / RunLock.NAME).exists()
+    # A fresh directory: a second `run --out` into it while the first runs.
+    fresh = tmp_path / "fresh"
+    first = Experiment.create(tiny("iterations=1"), fresh, backend="inprocess")
+    with pytest.raises(RunDirInUse, match=me):
+        Experiment.create(tiny("iterations=1"), fresh, backend="inprocess")
+    first.run()
+    with pytest.raises(ConfigError, match="already holds a run"):
+        Experiment.create(tiny("iterations=1"), fresh, backend="inprocess")
+
+
+def test_another_process_holding_the_lock_and_its_crash(run_dir):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir)], env=env,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunDirInUse, match=f"in use by pid {holder.pid} on host "
+                           f"{socket.gethostname()}"):
+            Experiment.resume(run_dir, ["iterations=4"], backend="inprocess")
+    finally:
+        holder.kill()  # SIGKILL: no clean-up, the lock file stays
+        holder.wait()
+    assert json.loads((run_dir / RunLock.NAME).read_text())["pid"] == holder.pid
+    with pytest.warns(UserWarning, match=f"taking over the lock left by pid {holder.pid}"):
+        exp = Experiment.resume(run_dir, ["iterations=4"], backend="inprocess")
+    assert json.loads((run_dir / RunLock.NAME).read_text())["pid"] == os.getpid()
+    exp.run()
+    assert iterations(run_dir) == [1, 2, 3, 4] and not (run_dir / RunLock.NAME).exists()
+
+
+def test_a_stale_lock_of_a_dead_process_is_taken_over(run_dir):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (run_dir / RunLock.NAME).write_text(json.dumps(
+        {"pid": dead.pid, "host": socket.gethostname(), "started": "2020-01-01T00:00:00",
+         "command": "dqd-ray run"}))
+    with pytest.warns(UserWarning, match=f"taking over the lock left by pid {dead.pid} on host "
+                      f"{socket.gethostname()} \\(since 2020-01-01T00:00:00"):
+        exp = Experiment.resume(run_dir, ["iterations=3"], backend="inprocess")
+    exp.run()
+    assert not (run_dir / RunLock.NAME).exists()
+
+
+def test_an_experiment_dropped_unrun_or_refused_releases_the_lock(run_dir):
+    exp = Experiment.resume(run_dir, ["iterations=4"], backend="inprocess")
+    assert (run_dir / RunLock.NAME).exists()
+    del exp  # never run (a test, a caller that changed its mind)
+    assert not (run_dir / RunLock.NAME).exists()
+    with pytest.raises(ConfigError, match="resume cannot change"):
+        Experiment.resume(run_dir, ["seed=5"], backend="inprocess")
+    assert not (run_dir / RunLock.NAME).exists()
+    lock = RunLock(run_dir).acquire()
+    assert lock.acquire() is lock and lock.held  # re-entrant for its holder
+    lock.release()
+    lock.release()
+    assert not lock.held and not (run_dir / RunLock.NAME).exists()
+
+
+def test_a_tune_style_restore_in_the_same_process_after_a_run(run_dir, tmp_path):
+    """A Tune trial restores (retry, PBT exploit) in the same worker process
+    after its previous run of the directory ended: the lock was released."""
+    saved = tmp_path / "tune_ckpt"
+    shutil.copytree(ckpt.list_checkpoints(run_dir / "checkpoints")[-2], saved)
+    Experiment.restore(tiny("iterations=4"), run_dir, saved, backend="inprocess").run()
+    Experiment.restore(tiny("iterations=4"), run_dir, saved, backend="inprocess").run()
+    assert iterations(run_dir) == [1, 2, 3, 4]
+    assert len((run_dir / "restores.jsonl").read_text().splitlines()) == 2
+
+
+# -- the end of a run reaches wandb ------------------------------------------------------
+
+
+def wandb_history(path: Path) -> list[dict]:
+    """The history rows of an offline run's ``.wandb`` file (what `wandb sync`
+    uploads); the reader of tests/test_tune.py."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, pos, block, buf, rows = path.read_bytes(), 7, 32768, b"", []
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        buf = chunk if kind in (1, 2) else buf + chunk
+        if kind in (1, 4):
+            rec = pb.Record()
+            rec.ParseFromString(buf)
+            if rec.WhichOneof("record_type") == "history":
+                rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                             for i in rec.history.item})
+    return rows
+
+
+def _offline_runs(run_dir: Path) -> list[Path]:
+    return sorted((run_dir / "wandb").glob("offline-run-*"))
+
+
+def test_final_heatmap_and_gif_reach_wandb_fresh_and_after_resume(tmp_path, monkeypatch,
+                                                                  capfd):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = tmp_path / "run"
+    wandb_sets = ["logging.wandb=true", "logging.heatmap_every=1", "logging.final_gif=true",
+                  "logging.gif_steps=8"]
+    Experiment.create(tiny("iterations=2", *wandb_sets), out, backend="inprocess").run()
+    first = capfd.readouterr()
+    Experiment.resume(out, ["iterations=3"], backend="inprocess").run()
+    second = capfd.readouterr()
+    runs = _offline_runs(out)
+    assert len(runs) == 2  # the resume continues the same wandb run id in a new offline log
+    assert len({r.name.rsplit("-", 1)[1] for r in runs}) == 1
+    for run, last, printed in zip(runs, (2, 3), (first, second)):
+        assert "less than the current step" not in printed.out + printed.err
+        (log,) = run.glob("*.wandb")
+        rows = wandb_history(log)
+        media = [r for r in rows if "final_archive/_type" in r]  # (nested keys joined by /)
+        assert len(media) == 1, rows
+        assert media[0]["final_archive/_type"] == "image-file"
+        assert media[0]["best_elite/_type"] == "video-file"
+        assert media[0]["best_elite/path"].endswith(".gif")
+        assert (run / "files" / media[0]["final_archive/path"]).exists()
+        steps = [r["_step"] for r in rows]
+        assert steps == sorted(steps) and len(set(steps)) == len(steps)
+        # Right after the last iteration's step, the first one wandb accepts.
+        assert max(r["_step"] for r in rows if "qd_score" in r) == last
+        assert media[0]["_step"] == last + 1
