@@ -1,11 +1,12 @@
-"""Atomic, versioned checkpoints of a whole run.
+"""Atomic, versioned checkpoints of a whole run, and a loader that refuses,
+quickly, what it does not expect.
 
 A checkpoint is a directory ``checkpoints/ckpt_<iteration>`` written under a
-temporary name and renamed into place when complete, so a crash never leaves
-a half-written checkpoint under a real name. Inside:
+temporary name, fsynced, and renamed into place when complete, so a crash
+never leaves a half-written checkpoint under a real name. Inside:
 
 - ``manifest.json``: format version, iteration, resolved config, and the
-  size and sha256 of every file (written last);
+  size and sha256 of every other file (written last);
 - ``archive.npz``: the result archive's occupied cells (solutions, objectives,
   measures, index), for plots and analysis;
 - ``coordinator.json`` + ``coordinator.npz``: scheduler, archives (occupied
@@ -19,14 +20,34 @@ a half-written checkpoint under a real name. Inside:
 Nothing in a checkpoint is pickled and loading one runs no code from it:
 arrays are read with ``allow_pickle=False``, torch files with
 ``weights_only=True``, and the coordinator's tree admits only allowlisted
-types.
+types. A checkpoint may also come from someone else (a shared directory, a
+copied run), so nothing in it is trusted before it is checked, and each check
+comes before the work it protects (:mod:`dqd_ray.checkpoint_files`):
+
+- the manifest (small, shallow JSON) names exactly the format's files: no
+  paths, no ``..``, each required one listed; each a regular file inside the
+  checkpoint directory (no symlink, no device), of the manifest's size, within
+  a size derived from the config, all before any file is hashed;
+- JSON files are bounded in size and nesting (checked without recursion);
+- every npz member's ``.npy`` header (dtype, shape, declared size) is read
+  before any array: numeric dtypes only, shapes and sizes within the
+  :class:`~dqd_ray.checkpoint_files.Limits` of the checkpoint's config;
+- the coordinator's tree is validated whole (allowlisted types, no dunder
+  attributes, one elite per archive cell: :func:`dqd_ray.statecodec.validate`),
+  and fitted against the fresh coordinator before anything is restored
+  (:func:`dqd_ray.statecodec.restore`).
+
+Every refusal is a :class:`CheckpointError` ``"<checkpoint>: <file>: <problem>"``;
+:func:`latest_loadable` skips refused checkpoints, newest first, down to the
+newest one that loads, and :func:`restore_refusal` names a checkpoint whose
+state the live system refused.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
+import re
 import shutil
 import time
 import warnings
@@ -36,20 +57,38 @@ from typing import Any
 import numpy as np
 import torch
 
+from dqd_ray.checkpoint_files import (MAX_LEARNERS, MAX_MANIFEST_BYTES,  # noqa: F401
+                                      CheckpointError, Limits, fail, json_depth, load_learner,
+                                      open_regular, read_archive, read_json, read_npz, sha256)
+
 FORMAT_VERSION = 3  # 2: one target-noise stream per TD3 agent; 3: no pickle
 MANIFEST = "manifest.json"
+ASIDE = ".replaced"
 
 
-class CheckpointError(RuntimeError):
-    pass
+def _allowed_names(num_learners: int, has_replay: bool) -> set[str]:
+    names = {"archive.npz", "coordinator.json", "coordinator.npz"}
+    names |= {f"learner_{i}.pt" for i in range(num_learners)}
+    if has_replay:
+        names |= {"replay.npz", "replay.json"}
+    return names
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def _fsync(path: Path, directory: bool = False) -> None:
+    """Flushes a file (or a directory's entries) to disk."""
+    try:
+        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
+    except OSError:
+        if directory:  # platforms that cannot open a directory (Windows)
+            return
+        raise
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# -- writing -------------------------------------------------------------------------
 
 
 def _to_jsonable(x):
@@ -79,7 +118,12 @@ def _plain(x):
 
 def save_checkpoint(ckpt_root: str | os.PathLike, iteration: int, state: dict[str, Any],
                     config: dict, keep: int = 3) -> Path:
-    """Writes one checkpoint atomically and prunes old ones.
+    """Writes one checkpoint atomically and durably, and prunes old ones.
+
+    Every file and the temporary directory are fsynced before the directory
+    is renamed into place, and the parent directory after the rename (before
+    anything older is removed), so a power loss leaves either the previous
+    checkpoints or the new one complete on disk.
 
     Args:
         ckpt_root: The run's ``checkpoints`` directory.
@@ -116,14 +160,19 @@ def save_checkpoint(ckpt_root: str | os.PathLike, iteration: int, state: dict[st
             np.savez(tmp / "replay.npz", **data)
             meta = {k: v for k, v in replay.items() if k != "data"}
             (tmp / "replay.json").write_text(json.dumps(_to_jsonable(meta)))
-        files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-                 for p in sorted(tmp.iterdir())}
+        files = {}
+        for p in sorted(tmp.iterdir()):
+            with open(p, "rb") as fo:
+                files[p.name] = {"bytes": p.stat().st_size, "sha256": sha256(fo)}
         manifest = {"format_version": FORMAT_VERSION, "iteration": iteration,
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "config": config,
                     "num_learners": len(state.get("learners", [])),
                     "has_replay": replay is not None, "extra": _to_jsonable(state.get("extra", {})),
                     "files": files}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        for p in tmp.iterdir():
+            _fsync(p)
+        _fsync(tmp, directory=True)
         # Rewriting a checkpoint of the same iteration: the old one is moved
         # aside (and still found by list_checkpoints) until the new one is in
         # place, so a crash at any point leaves a readable checkpoint.
@@ -133,16 +182,18 @@ def save_checkpoint(ckpt_root: str | os.PathLike, iteration: int, state: dict[st
                 shutil.rmtree(aside)
             os.replace(final, aside)
         os.replace(tmp, final)
+        _fsync(root, directory=True)  # the new name is durable before the old one goes
         shutil.rmtree(aside, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _fsync(root, directory=True)
     for old in list_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-ASIDE = ".replaced"
+# -- reading -------------------------------------------------------------------------
 
 
 def list_checkpoints(ckpt_root: str | os.PathLike) -> list[Path]:
@@ -161,30 +212,78 @@ def list_checkpoints(ckpt_root: str | os.PathLike) -> list[Path]:
     return [found[k] for k in sorted(found)]
 
 
-def verify(path: Path) -> dict:
-    """Returns the manifest if the checkpoint is complete and intact.
+def read_manifest(path: Path) -> tuple[dict, Limits]:
+    """The manifest of checkpoint ``path``, checked for shape (not hashed),
+    and the :class:`Limits` of its config.
 
     Raises:
-        CheckpointError: Naming what is missing or corrupted.
+        CheckpointError: Naming the problem; a format version this code does
+            not read says so (``"format version"`` in the message).
     """
-    mpath = path / MANIFEST
-    if not mpath.exists():
+    path = Path(path)
+    if path.is_symlink():
+        raise CheckpointError(f"{path}: the checkpoint directory is a symbolic link")
+    if not (path / MANIFEST).exists() and not (path / MANIFEST).is_symlink():
         raise CheckpointError(f"{path}: no manifest (half-written checkpoint)")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path}: unreadable manifest ({err})") from None
+    manifest = read_json(path, MANIFEST, limit=MAX_MANIFEST_BYTES)
+    if not isinstance(manifest, dict):
+        fail(path, MANIFEST, "unreadable manifest (not a JSON object)")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise CheckpointError(
             f"{path}: checkpoint format version {version}, this code reads version "
             f"{FORMAT_VERSION}; resume it with the dqd-ray version that wrote it")
-    for name, info in manifest["files"].items():
-        f = path / name
-        if not f.exists():
-            raise CheckpointError(f"{path}: file {name} is missing")
-        if f.stat().st_size != info["bytes"] or _sha256(f) != info["sha256"]:
-            raise CheckpointError(f"{path}: file {name} is corrupted (size or sha256 mismatch)")
+    files, n, replay = manifest.get("files"), manifest.get("num_learners"), \
+        manifest.get("has_replay")
+    if not isinstance(files, dict) or type(n) is not int or not 0 <= n <= MAX_LEARNERS \
+            or type(replay) is not bool or type(manifest.get("iteration")) is not int \
+            or manifest["iteration"] < 0 or not isinstance(manifest.get("config"), dict) \
+            or not isinstance(manifest.get("extra", {}), dict):
+        fail(path, MANIFEST, "malformed manifest (files, num_learners, has_replay, "
+                             "iteration, config or extra)")
+    allowed = _allowed_names(n, replay)
+    for name in files:
+        if name not in allowed:
+            fail(path, MANIFEST, f"names {name!r}, which is not a file of this checkpoint "
+                 f"(it may name only {sorted(allowed)})")
+    for name in sorted(allowed - set(files)):
+        fail(path, MANIFEST, f"does not list {name}, a file this checkpoint must hold")
+    try:
+        limits = Limits.from_config(manifest["config"])
+    except CheckpointError as err:
+        fail(path, MANIFEST, str(err))
+    if n > limits.num_learners:
+        fail(path, MANIFEST, f"lists {n} learner files; the config runs "
+                             f"{limits.num_learners} learners")
+    for name, info in files.items():
+        if not (isinstance(info, dict) and type(info.get("bytes")) is int
+                and info["bytes"] >= 0 and isinstance(info.get("sha256"), str)
+                and re.fullmatch(r"[0-9a-f]{64}", info["sha256"])):
+            fail(path, MANIFEST, f"malformed entry for {name}")
+        if info["bytes"] > limits.file_bytes(name):
+            fail(path, MANIFEST, f"says {name} is {info['bytes']} bytes; this config's "
+                 f"checkpoints hold at most {limits.file_bytes(name)}")
+    return manifest, limits
+
+
+def verify(path: Path) -> dict:
+    """Returns the manifest if the checkpoint is complete and intact.
+
+    The manifest is checked first (:func:`read_manifest`), then every file's
+    type and size, and only then are the files hashed.
+
+    Raises:
+        CheckpointError: Naming what is missing, corrupted or not expected.
+    """
+    path = Path(path)
+    manifest, limits = read_manifest(path)
+    files = manifest["files"]
+    for name, info in files.items():  # types and sizes of all, before hashing any
+        open_regular(path, name, info["bytes"], limits.file_bytes(name)).close()
+    for name, info in files.items():
+        with open_regular(path, name, info["bytes"]) as fo:
+            if sha256(fo) != info["sha256"]:
+                fail(path, name, "is corrupted (sha256 mismatch)")
     return manifest
 
 
@@ -196,47 +295,130 @@ def latest_valid(ckpt_root: str | os.PathLike) -> tuple[Path, dict] | None:
         except CheckpointError as err:
             if "format version" in str(err):
                 raise
-            warnings.warn(f"skipping checkpoint: {err}", stacklevel=2)
-            print(f"warning: skipping checkpoint: {err}")
+            _skip(err)
+    return None
+
+
+def _skip(err: CheckpointError) -> None:
+    warnings.warn(f"skipping checkpoint: {err}", stacklevel=3)
+    print(f"warning: skipping checkpoint: {err}")
+
+
+def latest_loadable(ckpt_root: str | os.PathLike, older_than: str | os.PathLike | None = None
+                    ) -> tuple[Path, dict, dict[str, Any]] | None:
+    """The newest checkpoint that verifies *and* loads: ``(path, manifest, state)``.
+
+    Checkpoints refused by :func:`verify` or :func:`load_checkpoint` are
+    skipped, newest first, each with a warning naming the file and the
+    problem. A format version this code does not read is raised at once.
+
+    Args:
+        ckpt_root: The run's ``checkpoints`` directory.
+        older_than: Consider only checkpoints older than this one (a checkpoint
+            whose state the live system then refused to restore).
+    """
+    paths = list_checkpoints(ckpt_root)
+    if older_than is not None:
+        stop = Path(older_than).name.removesuffix(ASIDE)
+        paths = [p for p in paths if p.name.removesuffix(ASIDE) < stop]
+    for path in reversed(paths):
+        try:
+            manifest = verify(path)
+            return path, manifest, load_checkpoint(path, manifest)
+        except CheckpointError as err:
+            if "format version" in str(err):
+                raise
+            _skip(err)
     return None
 
 
 def load_checkpoint(path: Path, manifest: dict) -> dict[str, Any]:
     """Reads a verified checkpoint: JSON, numeric arrays and weights-only torch files.
 
+    Every file is reopened as a regular file of the manifest's size; every
+    array's header is checked against the :class:`Limits` of the manifest's
+    config before it is read; the coordinator's tree is validated whole.
+
     Raises:
         CheckpointError: A file that is not what the format allows.
     """
-    try:
-        tree = json.loads((path / "coordinator.json").read_text())
-        with np.load(path / "coordinator.npz", allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{path}: unreadable coordinator state ({err})") from None
     import dqd_ray.algorithms  # noqa: F401 - registers the allowlisted types
     from dqd_ray.statecodec import StateError, validate
 
+    path = Path(path)
+    limits = Limits.from_config(manifest["config"])
+    size = {name: info["bytes"] for name, info in manifest["files"].items()}
     try:
+        tree = read_json(path, "coordinator.json", size["coordinator.json"])
+        arrays = read_npz(path, "coordinator.npz", limits, size["coordinator.npz"],
+                          kinds="biufc")
         validate(tree, arrays)
+    except CheckpointError as err:
+        raise CheckpointError(f"{path}: unreadable coordinator state "
+                              f"({str(err).removeprefix(f'{path}: ')})") from None
     except StateError as err:
-        raise CheckpointError(f"{path}: refusing the coordinator state: {err}") from None
+        raise CheckpointError(f"{path}: unreadable coordinator state (coordinator.json: "
+                              f"{err})") from None
     state: dict[str, Any] = {
         "coordinator": {"tree": tree, "arrays": arrays},
-        "learners": [torch.load(path / f"learner_{i}.pt", weights_only=True, map_location="cpu")
+        "learners": [load_learner(path, f"learner_{i}.pt", size[f"learner_{i}.pt"], limits)
                      for i in range(manifest["num_learners"])],
         "extra": manifest.get("extra", {}),
+        "archive": read_archive(path, limits, size["archive.npz"]),
     }
-    with np.load(path / "archive.npz", allow_pickle=False) as z:
-        state["archive"] = {k: z[k] for k in z.files}
     if manifest.get("has_replay"):
-        state["replay"] = load_replay(path)
+        state["replay"] = load_replay(path, manifest)
     return state
 
 
-def load_replay(path: Path) -> dict[str, Any]:
-    """The replay state of a verified checkpoint that has one (``has_replay``)."""
-    meta = json.loads((path / "replay.json").read_text())
+def restore_refusal(path: Path, err: BaseException) -> CheckpointError:
+    """The error to raise when a live system refuses to restore checkpoint
+    ``path`` (e.g. ``Coordinator.load_state_dict``'s
+    :class:`~dqd_ray.statecodec.StateError`: the tree does not fit the fresh
+    coordinator), naming the file the refused state came from."""
+    from dqd_ray.statecodec import StateError
+
+    cause = getattr(err, "cause", None)  # a Ray task error wraps the actor's exception
+    text = str(cause if isinstance(cause, BaseException) else err).strip()
+    text = text.splitlines()[-1] if text else repr(err)
+    if isinstance(err, StateError) or isinstance(cause, StateError):
+        return CheckpointError(f"{path}: coordinator.json: refused by this run's "
+                               f"coordinator ({text})")
+    return CheckpointError(f"{path}: cannot restore this checkpoint ({text})")
+
+
+def load_replay(path: Path, manifest: dict | None = None) -> dict[str, Any]:
+    """The replay state of a verified checkpoint that has one (``has_replay``).
+
+    ``replay.json`` must hold the buffer's counters and RNG state for the
+    shapes of the config; ``replay.npz`` exactly its fields, ``size`` rows each.
+    """
+    path = Path(path)
+    if manifest is None:
+        manifest, limits = read_manifest(path)
+    else:
+        limits = Limits.from_config(manifest["config"])
+    size = {name: info["bytes"] for name, info in manifest["files"].items()}
+    if "replay.json" not in size:
+        fail(path, MANIFEST, "lists no replay files")
+    meta = read_json(path, "replay.json", size["replay.json"])
+    keys = {"pos", "size", "total_added", "rng", "capacity", "shapes"}
+    if not isinstance(meta, dict) or set(meta) != keys:
+        fail(path, "replay.json", f"holds {sorted(meta) if isinstance(meta, dict) else meta!r}"
+             f"; expected the keys {sorted(keys)}")
+    shapes = [limits.obs_dim, limits.act_dim, 1 + limits.measure_dim]
+    counts = [meta["pos"], meta["size"], meta["total_added"], meta["capacity"]]
+    if meta["shapes"] != shapes:
+        fail(path, "replay.json", f"shapes {meta['shapes']}; this config's are {shapes}")
+    if not all(type(c) is int and c >= 0 for c in counts) or meta["capacity"] != \
+            limits.replay_capacity or meta["size"] > meta["capacity"] or \
+            meta["pos"] > meta["capacity"] or not isinstance(meta["rng"], dict):
+        fail(path, "replay.json", f"counters pos={meta['pos']!r} size={meta['size']!r} "
+             f"capacity={meta['capacity']!r} (config: {limits.replay_capacity}) or rng "
+             "do not fit")
     meta["shapes"] = tuple(meta["shapes"])
-    with np.load(path / "replay.npz", allow_pickle=False) as z:
-        meta["data"] = {k: z[k] for k in z.files}
+    meta["data"] = read_npz(path, "replay.npz", limits, size["replay.npz"])
+    rows = {k: len(v) for k, v in meta["data"].items()}
+    if set(rows.values()) != {meta["size"]}:
+        fail(path, "replay.npz", f"rows {rows}; replay.json says {meta['size']}")
     return meta

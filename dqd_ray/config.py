@@ -495,8 +495,20 @@ def parse_set(item: str) -> dict:
     key, raw = item.split("=", 1)
     if not key or any(not p for p in key.split(".")):
         raise ConfigError(f"--set has an empty key in {item!r}")
-    value = yaml.safe_load(raw) if raw != "" else None
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {item!r}: the value is not valid YAML "
+                          f"({_yaml_problem(err)}); write lists as [1, 2] and quote text "
+                          "with brackets or colons") from None
     return nest_dotted({key: value})
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """What a YAML parser error says, with its line and column (1-based)."""
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    mark = getattr(err, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
 
 
 def nest_dotted(flat: dict[str, Any]) -> dict:
@@ -556,7 +568,13 @@ def build_config(
         path = Path(file)
         if not path.exists():
             raise ConfigError(f"config file {path} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        if not path.is_file():
+            raise ConfigError(f"config file {path} is not a file: pass a YAML file")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: "
+                              f"{_yaml_problem(err)}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
         data = _merge(data, loaded)

@@ -22,7 +22,7 @@ Run directory::
     RUN_DIR/best_elite.gif    the best elite, replayed (logging.final_gif)
     RUN_DIR/checkpoints/      ckpt_<iteration>/ (see checkpoint.py)
     RUN_DIR/wandb/            when logging.wandb is on
-    RUN_DIR/.lock             while a process runs it (see logging.RunLock)
+    RUN_DIR/.lock             while a process runs it (see rundir.RunLock)
 
 Crash safety: iteration N's metrics line is written and fsynced before
 checkpoint N, so no checkpoint is ever ahead of the metrics; a resume from an
@@ -48,12 +48,10 @@ import numpy as np
 from dqd_ray import checkpoint as ckpt
 from dqd_ray.config import ConfigError, ExperimentConfig, build_config, to_yaml
 from dqd_ray.envs import env_metadata
-from dqd_ray.logging import (
-    JsonlSink,
-    ProgressSink,
-    RunDirInUse,  # noqa: F401 - what a second `run`/`resume` raises
+from dqd_ray.logging import JsonlSink, ProgressSink, WandbSink
+from dqd_ray.rundir import (  # RunDirInUse: what a second `run`/`resume` raises
+    RunDirInUse,  # noqa: F401
     RunLock,
-    WandbSink,
     append_durably,
     atomic_write_text,
     parse_jsonl,
@@ -347,6 +345,8 @@ class Experiment:
 
     def _run(self, sinks: Sequence) -> dict:
         cfg = self.cfg
+        if (self.run_dir / "metrics.jsonl").exists():  # a corrupt line (not a torn last one)
+            parse_jsonl(self.run_dir / "metrics.jsonl")  # stops the run before anything starts
         state = None
         if self._state is not None:
             state, self._state = self._state, None
@@ -545,6 +545,6 @@ class Experiment:
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
     """A run's metric lines; a torn last line is dropped with a warning (see
-    :func:`dqd_ray.logging.read_jsonl`)."""
+    :func:`dqd_ray.rundir.read_jsonl`)."""
     return read_jsonl(Path(run_dir) / "metrics.jsonl")
 

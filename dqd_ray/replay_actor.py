@@ -25,7 +25,10 @@ def _resolve(actor):
 
 
 class _ReplayClient:
-    """A replay actor reached by handle or by name, with call deadlines."""
+    """A replay actor reached by handle or by name, with call deadlines (the
+    placement gives it half of ``resources.call_timeout_s``)."""
+
+    SETTING = "half of resources.call_timeout_s, for the replay buffer's short calls"
 
     def __init__(self, replay, timeout_s: float = 600.0, restart_timeout_s: float = 600.0):
         self._replay = replay
@@ -46,7 +49,7 @@ class _ReplayClient:
         from dqd_ray.waits import get_refs
 
         return get_refs(refs, timeout_s=self.timeout_s, restart_timeout_s=self.restart_timeout_s,
-                        what=self._what(method))
+                        what=self._what(method), setting=self.SETTING)
 
     def _wait_one(self, pending: list, method: str) -> list:
         import ray
@@ -54,7 +57,8 @@ class _ReplayClient:
         from dqd_ray.waits import wait_refs
 
         done, rest = wait_refs(pending, 1, timeout_s=self.timeout_s,
-                               restart_timeout_s=self.restart_timeout_s, what=self._what(method))
+                               restart_timeout_s=self.restart_timeout_s, what=self._what(method),
+                               setting=self.SETTING)
         ray.get(done)
         return rest
 

@@ -16,7 +16,7 @@ import numpy as np
 from dqd_ray import checkpoint as ckpt
 from dqd_ray.config import ConfigError, ExperimentConfig, build_config
 from dqd_ray.envs import env_metadata, make_env
-from dqd_ray.logging import read_jsonl
+from dqd_ray.rundir import read_jsonl
 from dqd_ray.policy import PolicySpec
 
 SUMMARY_COLUMNS = (
@@ -53,7 +53,7 @@ def load_run(run_dir: str | Path, need_archive: bool = True) -> Run:
 
     Raises:
         ConfigError: Not a run directory, or a corrupt metrics line that is not
-            the last (:class:`~dqd_ray.logging.MetricsFileError`).
+            the last (:class:`~dqd_ray.rundir.MetricsFileError`).
         CheckpointError: ``need_archive`` and no intact checkpoint.
     """
     path = Path(run_dir)

@@ -17,10 +17,19 @@ code, and on restore the value of a freshly built object is kept. Anything
 else is an error at save time, naming the attribute.
 
 :func:`restore` overlays such a tree onto a freshly built object of the same
-configuration. A node naming a class outside the allowlist, an unknown node
-kind or a malformed value raises :class:`StateError` before anything is
-assigned; the only objects it creates are instances of allowlisted classes,
-made with ``cls.__new__`` and filled with plain data.
+configuration, and checks the whole tree before it assigns anything:
+
+- on its own (:func:`validate`): known node kinds, allowlisted classes,
+  numeric arrays present, no dunder attribute names, bounded depth, archive
+  stores with one elite per cell, in range, one row per elite;
+- against the fresh object (:func:`check_fits`): only attributes the fresh
+  object has, values of the same nature, arrays of the same dtype family and
+  shape (or the declared :class:`ArraySpec` where the fresh value is empty),
+  stores of the same capacity, fields and dtypes.
+
+Any mismatch raises :class:`StateError` naming the attribute path. The only
+objects it creates are instances of allowlisted classes where the fresh value
+is ``None``, made with ``cls.__new__`` and filled with plain data.
 """
 
 from __future__ import annotations
@@ -221,7 +230,7 @@ def _kind(node) -> str:
 
 def _check(node, arrays: dict, path: str, depth: int) -> None:
     if depth > MAX_DEPTH:
-        raise StateError(f"{path}: state tree nested deeper than {MAX_DEPTH} levels")
+        raise StateError(f"{path[:60]}...: state tree nested deeper than {MAX_DEPTH} levels")
     if node is None or isinstance(node, (bool, str, int)):
         return
     if isinstance(node, list):
@@ -292,8 +301,29 @@ def _check(node, arrays: dict, path: str, depth: int) -> None:
             if not isinstance(ref, dict) or _kind(ref) != "__array__":
                 raise StateError(f"{path}.{key}: an archive field must be an array")
             _check(ref, arrays, f"{path}.{key}", depth + 1)
+        _check_cells(st, arrays, path)
     else:
         raise StateError(f"{path}: unknown state node kind {kind!r}")
+
+
+def _check_cells(st: dict, arrays: dict, path: str) -> None:
+    """An archive store on its own: one elite per cell, cells in range, and
+    one row per elite in every field."""
+    order, capacity = arrays[st["order"]["__array__"]], st["capacity"]
+    if order.dtype.kind not in "iu" or order.ndim != 1:
+        raise StateError(f"{path}.order: cell indices of {order.dtype} {order.shape}")
+    n = len(order)
+    if n > capacity or n and (int(order.min()) < 0 or int(order.max()) >= capacity):
+        raise StateError(f"{path}.order: cell index out of range [0, {capacity})")
+    repeated = n - len(np.unique(order))
+    if repeated:
+        raise StateError(f"{path}.order: {n} elites in {n - repeated} cells; an archive "
+                         "holds one elite per cell")
+    for name, ref in st["fields"].items():
+        values = arrays[ref["__array__"]]
+        if values.ndim == 0 or len(values) != n:
+            raise StateError(f"{path}.{name}: {values.shape} in the checkpoint, not one "
+                             f"row for each of the {n} elites")
 
 
 # -- does the tree fit the fresh object? ---------------------------------------------
@@ -330,7 +360,9 @@ def _is_number(x) -> bool:
 
 def _node_desc(node, arrays) -> str:
     if not isinstance(node, dict):
-        return type(node).__name__
+        name = type(node).__name__
+        return "None" if node is None else f"{'an' if name[0] in 'aeiou' else 'a'} {name} " \
+            f"({node!r:.40})"
     if _kind(node) == "__array__":
         a = arrays[node["__array__"]]
         return f"an array of {a.dtype} {a.shape}"
@@ -357,17 +389,18 @@ def _fits(fresh, node, arrays: dict, path: str, owner, spec: ArraySpec | None) -
     kind = _kind(node) if isinstance(node, dict) else None
     if kind in ("__fresh__", "__ref__"):
         return  # keeps the fresh value
-    if fresh is None or spec is not None and isinstance(fresh, (list, tuple)) and not fresh:
-        if spec is not None:
-            return _fits_spec(node, arrays, path, owner, spec)
-        if fresh is None:
-            return _fits_new(node, arrays, path)
+    if spec is not None and (fresh is None or isinstance(fresh, (list, tuple)) and not fresh):
+        return _fits_spec(node, arrays, path, owner, spec)
+    if fresh is None:
+        return _fits_new(node, arrays, path)
     if node is None:
         raise StateError(f"{path}: None in the checkpoint where this object holds a "
                          f"{type(fresh).__name__}")
     desc = _node_desc(node, arrays)
     if isinstance(fresh, (bool, np.bool_)):
-        if not isinstance(node, bool):
+        if not (isinstance(node, bool) or kind == "__array__"
+                and arrays[node["__array__"]].shape == () and
+                arrays[node["__array__"]].dtype.kind == "b"):
             raise StateError(f"{path}: {desc} in place of a bool")
     elif isinstance(fresh, str):
         if not isinstance(node, str):
@@ -496,15 +529,8 @@ def _fits_store(store, st: dict, arrays: dict, path: str) -> None:
                          f"checkpoint's {sorted(st['fields'])}")
     if len(st["updates"]) != len(props["updates"]):
         raise StateError(f"{path}: archive update counters {st['updates']} do not fit")
-    order = arrays[st["order"]["__array__"]]
-    if order.dtype.kind not in "iu" or order.ndim != 1:
-        raise StateError(f"{path}.order: cell indices of {order.dtype} {order.shape}")
-    n = len(order)
-    if n > capacity or n and (int(order.min()) < 0 or int(order.max()) >= capacity):
-        raise StateError(f"{path}.order: cell index out of range [0, {capacity})")
-    if len(np.unique(order)) != n:
-        raise StateError(f"{path}.order: {n - len(np.unique(order))} cell(s) repeated: "
-                         "an archive holds one elite per cell")
+    _check_cells(st, arrays, path)
+    n = len(arrays[st["order"]["__array__"]])
     for name, ref in st["fields"].items():
         values, target = arrays[ref["__array__"]], store._fields[name]
         if values.shape != (n, *target.shape[1:]) or values.dtype != target.dtype:

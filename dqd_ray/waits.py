@@ -74,7 +74,8 @@ Describer = Callable[[Any], tuple[str, str, str | None]]
 
 
 def wait_refs(refs: list, num_returns: int, *, timeout_s: float, restart_timeout_s: float,
-              what: Describer, poll_s: float = 5.0) -> tuple[list, list]:
+              what: Describer, poll_s: float = 5.0,
+              setting: str = "resources.call_timeout_s") -> tuple[list, list]:
     """``ray.wait`` for ``num_returns`` of ``refs``, with deadlines (see the module).
 
     Returns:
@@ -123,12 +124,13 @@ def wait_refs(refs: list, num_returns: int, *, timeout_s: float, restart_timeout
         if now - t0 >= timeout_s and silent is not None:
             role, method, info = silent
             raise CallTimeoutError(
-                f"{describe(role, method, info)} within resources.call_timeout_s="
-                f"{timeout_s:g} s: its node is stuck or the call is far slower than "
-                "expected (raise resources.call_timeout_s if so)")
+                f"{describe(role, method, info)} within {timeout_s:g} s ({setting}): its "
+                "node is stuck or the call is far slower than expected (raise "
+                "resources.call_timeout_s if so)")
 
 
-def get_refs(refs, *, timeout_s: float, restart_timeout_s: float, what: Describer):
+def get_refs(refs, *, timeout_s: float, restart_timeout_s: float, what: Describer,
+             setting: str = "resources.call_timeout_s"):
     """``ray.get`` of one ref or a list, with the deadlines of :func:`wait_refs`."""
     import ray
 
@@ -137,6 +139,6 @@ def get_refs(refs, *, timeout_s: float, restart_timeout_s: float, what: Describe
     unique = list(dict.fromkeys(items))  # ray.wait refuses repeated refs
     if unique:
         wait_refs(unique, len(unique), timeout_s=timeout_s,
-                  restart_timeout_s=restart_timeout_s, what=what)
+                  restart_timeout_s=restart_timeout_s, what=what, setting=setting)
     out = ray.get(items)
     return out[0] if single else out

@@ -87,6 +87,12 @@ BAD_ARGS = [
     (["run", "--out", "{tmp}/taken/run"],
      "--out {tmp}/taken/run lies under {tmp}/taken, which is a file, not a directory"),
     (["run", "--out", "{tmp}/run", "--num-cpus", "0"], "--num-cpus must be at least 1, got 0"),
+    (["run", "--out", "{tmp}/run", "--config", "{tmp}"],
+     "config file {tmp} is not a file: pass a YAML file"),
+    (["run", "--out", "{tmp}/run", "--config", "{tmp}/taken"],
+     "config file {tmp}/taken must hold a mapping at the top level"),
+    (["run", "--out", "{tmp}/run", "--set", "td3.batch_size=[1,"],
+     "--set 'td3.batch_size=[1,': the value is not valid YAML"),
     (["run", "--out", "{tmp}/run", "--set", "resources.num_rollout_workers=0"],
      "resources.num_rollout_workers: Value error, a run needs at least 1 rollout worker, got 0: "
      "set a positive number, or leave it unset (null)"),

@@ -133,12 +133,12 @@ def test_every_ray_start_runs_with_token_auth(path, tmp_path):
            "RAY_HEAD_IP": "192.0.2.10", "RAY_CALLS": str(calls)}
     for where, cmd in starts:
         proc = subprocess.run(["bash", "-c", cmd], env=env, capture_output=True, text=True,
-                              timeout=30)
+                              timeout=30, check=False)
         assert proc.returncode == 0, (where, proc.stderr)
     lines = calls.read_text().splitlines()
     assert len(lines) == len(starts)
     for line in lines:
-        args, mode, seen_token, wandb_key = line.split("|")
+        _, mode, seen_token, wandb_key = line.split("|")
         assert mode == "token", line
         assert seen_token == token, line
         assert wandb_key == "key-from-node-env", line

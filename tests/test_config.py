@@ -218,6 +218,12 @@ def test_yaml_file_errors(tmp_path):
     typo.write_text("td3:\n  bach_size: 3\n")
     with pytest.raises(ConfigError, match=r"td3\.bach_size"):
         build_config(file=typo)
+    with pytest.raises(ConfigError, match="is not a file: pass a YAML file"):
+        build_config(file=tmp_path)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("td3:\n  batch_size: [1,\n")
+    with pytest.raises(ConfigError, match=r"broken.yaml is not valid YAML: .* at line 3, column 1"):
+        build_config(file=broken)
 
 
 @pytest.mark.parametrize("item, field", [
@@ -298,6 +304,8 @@ def test_unknown_preset():
     ("td3..batch_size=3", "td3..batch_size"),
     ("=3", "empty key"),
     (".batch_size=3", ".batch_size"),
+    ("td3.batch_size=[1,", "the value is not valid YAML (expected the node content"),
+    ("env.id={a", "the value is not valid YAML"),
 ])
 def test_bad_set_syntax(item, fragment):
     with pytest.raises(ConfigError) as err:

@@ -94,6 +94,7 @@ def test_a_wedged_role_stops_the_run_in_time_naming_role_call_and_node(
         exp.run(sinks=[stopper])
     waited = time.monotonic() - stopper.t_stop
     msg = str(info.value)
+    print(f"\n{role}: stopped the run {waited:.1f} s after SIGSTOP: {msg}")
     assert role in msg, msg
     # A stopped replay buffer is found by whoever calls it first: a worker's
     # add, the coordinator's commit of the staged transitions or a sample.

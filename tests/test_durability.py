@@ -33,8 +33,14 @@ from dqd_ray import checkpoint as ckpt
 from dqd_ray.bench.quality import curves_of
 from dqd_ray.cli import main
 from dqd_ray.config import ConfigError, build_config
-from dqd_ray.logging import (JsonlSink, MetricsFileError, RunDirInUse, RunLock,
-                             atomic_write_text, read_jsonl)
+from dqd_ray.logging import JsonlSink
+from dqd_ray.rundir import (
+    MetricsFileError,
+    RunDirInUse,
+    RunLock,
+    atomic_write_text,
+    read_jsonl,
+)
 from dqd_ray.loop import Experiment, read_metrics
 
 TINY = ["env.id=QDHalfCheetahBulletEnv-v0", "env.episode_length=30", "algorithm.batch_size=4",
@@ -265,7 +271,7 @@ def test_config_rewrite_on_resume_is_atomic_and_a_failure_releases_the_lock(run_
 
 HOLD = """
 import sys, time
-from dqd_ray.logging import RunLock
+from dqd_ray.rundir import RunLock
 lock = RunLock(sys.argv[1]).acquire()
 print("locked", flush=True)
 time.sleep(600)

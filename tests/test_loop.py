@@ -24,11 +24,14 @@ from dqd_ray.loop import Experiment, read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
+# torch_threads=1: runs compared with each other (a `dqd-ray` subprocess against this
+# process) do their torch reductions in one fixed order whatever the machine's core
+# count (torch splits large reductions between its threads).
 TINY = ["env.episode_length=40", "algorithm.batch_size=4", "td3.batch_size=32",
         "td3.critic_hidden_sizes=[32,32]", "td3.train_steps_per_iteration=5",
         "td3.jacobian_states=32", "td3.learning_starts=32", "td3.replay_capacity=20000",
         "resources.envs_per_worker=2", "resources.learner_mode=sync",
-        "logging.progress_bar=false", "checkpoint.every=100"]
+        "resources.torch_threads=1", "logging.progress_bar=false", "checkpoint.every=100"]
 COMPARED = ("qd_score", "num_elites", "evaluations", "env_steps", "best_fitness",
             "critic_loss", "greedy_fitness", "restarts")
 REFERENCE_ITERATIONS = 5

@@ -56,8 +56,12 @@ def test_every_preset_has_tiny_settings():
 
 
 def _tiny_cfg(*extra, preset: str = "cma_mega_td3"):
+    # Sync learners on one torch thread: a Ray run and an in-process run compared
+    # exactly do the same float operations in the same order (torch splits large
+    # reductions between its threads, and in process it has one per core).
     return build_config(preset, sets=[*COMMON, *PRESET_TINY[preset],
-                                      "resources.learner_mode=sync", *extra])
+                                      "resources.learner_mode=sync",
+                                      "resources.torch_threads=1", *extra])
 
 
 @pytest.mark.parametrize("preset", sorted(PRESET_TINY))

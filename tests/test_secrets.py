@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -164,12 +166,22 @@ def test_a_sweep_and_a_run_with_a_key_leave_it_nowhere(tmp_path):
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(WANDB_API_KEY=sentinel, WANDB_MODE="offline", PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, str(driver), str(sweep), str(run_dir), str(out),
-                           json.dumps(TINY)], env=env, capture_output=True, text=True,
-                          timeout=420, cwd=tmp_path)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    report = json.loads(out.read_text())
+    # A Ray of its own: RAY_TMPDIR keeps it from joining a cluster another
+    # `ray start` on this machine recorded in /tmp/ray (short: socket paths).
+    ray_tmp = tempfile.mkdtemp(prefix="dqdsec", dir="/tmp")
+    env.update(WANDB_API_KEY=sentinel, WANDB_MODE="offline", PYTHONUNBUFFERED="1",
+               RAY_TMPDIR=ray_tmp)
+    try:
+        proc = subprocess.run([sys.executable, str(driver), str(sweep), str(run_dir), str(out),
+                               json.dumps(TINY)], env=env, capture_output=True, text=True,
+                              timeout=420, cwd=tmp_path, check=False)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+        report = json.loads(out.read_text())
+        # Ray's own session logs (where a runtime_env would be logged) hold it nowhere.
+        session_logs = Path(report["session_dir"]) / "logs"
+        assert session_logs.is_dir() and not files_holding(session_logs, sentinel)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert report["summary"]["trials"] == 1 and report["summary"]["errors"] == 0
     assert report["probe"]["worker_has_key"]  # the node's own environment still has it
     assert sentinel not in proc.stdout + proc.stderr
@@ -179,16 +191,15 @@ def test_a_sweep_and_a_run_with_a_key_leave_it_nowhere(tmp_path):
     exp = storage / "secrets"
     trial_runs = list(exp.glob("*/run"))
     assert len(trial_runs) == 1
-    for d in (run_dir, trial_runs[0]):
-        assert list(d.glob("wandb/offline-run-*")), d  # wandb ran, offline
-        assert list(d.glob("ckpt_*")) or list(d.glob("checkpoints/*")) or \
-            any("ckpt" in p.name for p in d.iterdir()), sorted(p.name for p in d.iterdir())
-        assert (d / "metrics.jsonl").exists()
-    assert list(exp.glob("tuner.pkl")) and list(exp.glob("experiment_state-*.json"))
-    assert list(exp.glob("*/result.json"))
+    for d in (run_dir, trial_runs[0]):  # what was written, and so searched, below
+        assert list(d.glob("wandb/offline-run-*/*.wandb")), d  # wandb ran, offline
+        assert len((d / "metrics.jsonl").read_text().splitlines()) == 2
+        assert (d / "config.yaml").exists()
+    assert list(run_dir.glob("checkpoints/*"))
+    assert list(exp.glob("*/checkpoint_*"))  # a trial's checkpoints go to Tune
+    assert (exp / "tuner.pkl").exists() and list(exp.glob("experiment_state-*.json"))
+    assert list(exp.glob("*/result.json")) and list(exp.glob("*/params.pkl"))
     assert not files_holding(tmp_path, sentinel)
-    # Ray's own session logs (where a runtime_env would be logged) hold it nowhere either.
-    assert not files_holding(Path(report["session_dir"]) / "logs", sentinel)
 
 
 # -- tune --resume refuses a directory others can write ------------------------------

@@ -25,13 +25,24 @@ def _allow_state_classes() -> None:
 
     from dqd_ray import statecodec
 
-    statecodec.allow(MaskedScheduler, pga_me.PolicyGradientEmitter, me_es.MEESEmitter, GridArchive, ArchiveStats,
-                     GaussianEmitter, GradientArborescenceEmitter, IsoLineEmitter,
+    statecodec.allow(MaskedScheduler, pga_me.PolicyGradientEmitter, me_es.MEESEmitter,
+                     GridArchive, ArchiveStats, GaussianEmitter, GradientArborescenceEmitter,
+                     IsoLineEmitter,
                      _cma_es.CMAEvolutionStrategy, _cma_es.DecompMatrix,
                      _sep_cma_es.SeparableCMAEvolutionStrategy, _sep_cma_es.DiagonalMatrix,
                      _gradient_ascent_opt.GradientAscentOpt, _adam_opt.AdamOpt)
     statecodec.allow(*[c for _, c in inspect.getmembers(rankers, inspect.isclass)
                        if issubclass(c, rankers.RankerBase)])
+    # Arrays that are None (or []) on a freshly built object and filled once it runs.
+    spec = statecodec.ArraySpec
+    statecodec.expect(MaskedScheduler, _cur_solutions=spec("f", (None, "_solution_dim")),
+                      valid_mask=spec("b", (None,)))
+    statecodec.expect(GradientArborescenceEmitter, _jacobian_batch=spec(
+        "f", (None, "_num_coefficients", "_solution_dim")))
+    for es in (_cma_es.CMAEvolutionStrategy, _sep_cma_es.SeparableCMAEvolutionStrategy):
+        statecodec.expect(es, _solutions=spec("f", (None, "solution_dim")),
+                          mean=spec("f", ("solution_dim",)), pc=spec("f", ("solution_dim",)),
+                          ps=spec("f", ("solution_dim",)))
 
 
 _allow_state_classes()

@@ -216,7 +216,7 @@ class MEESEmitter(EmitterBase):
             score = returns
         ranks = centered_ranks(score)
         grad = (ranks[:p] - ranks[p:]) @ eps.astype(np.float64) / p
-        update = self._adam(grad + self.l2_coeff * self.theta)
+        update = self._adam(-grad + self.l2_coeff * self.theta)
         self.theta = self.theta + update
         best_train = float(returns.max()) if valid.any() else None
         # The new theta, without action noise, then the archive; then the statistics.
