@@ -416,6 +416,12 @@ def load_replay(path: Path, manifest: dict | None = None) -> dict[str, Any]:
         fail(path, "replay.json", f"counters pos={meta['pos']!r} size={meta['size']!r} "
              f"capacity={meta['capacity']!r} (config: {limits.replay_capacity}) or rng "
              "do not fit")
+    try:  # the buffer's generator is a PCG64: try the state on a scratch one
+        if meta["rng"].get("bit_generator") != "PCG64":
+            raise ValueError(f"a {meta['rng'].get('bit_generator')!r} state")
+        np.random.PCG64().state = meta["rng"]
+    except (TypeError, ValueError, KeyError, OverflowError) as err:
+        fail(path, "replay.json", f"bad generator state ({err})")
     meta["shapes"] = tuple(meta["shapes"])
     meta["data"] = read_npz(path, "replay.npz", limits, size["replay.npz"])
     rows = {k: len(v) for k, v in meta["data"].items()}

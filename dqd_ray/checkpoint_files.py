@@ -73,9 +73,10 @@ class Limits:
       (an actor and twin critics per objective, their targets and Adam moments
       are 4 x (1+k) x (D + 2 x critic); the rest is headroom);
 
-    plus :data:`NPZ_SLACK_BYTES` of headers per file. A config of the paper's
-    size (D ~ 20k, C = 1296 .. 10k) allows arrays of a few GB at most, far
-    below an array that declares 10^12 elements.
+    plus :data:`NPZ_SLACK_BYTES` of headers per file. The paper's presets
+    (D ~ 19k..21k, C = 1000..1296, R = 10^6) allow 200..550 MB per coordinator
+    array and at most 1.7 GB for a whole file, far
+    below one array that declares 10^12 elements (8 TB).
     """
 
     genome_dim: int
@@ -168,8 +169,7 @@ class Limits:
                 return f"is not one of the replay's fields {list(REPLAY_FIELDS)}"
         want = widths.get(member, ())
         if len(shape) != 1 + len(want) or tuple(shape[1:]) != want:
-            return f"has shape {shape}; (n, {', '.join(map(str, want))}) expected".replace(
-                ", )", ")")
+            return f"has shape {shape}; {('n', *want)} expected".replace("'n'", "n")
         if shape[0] > cap:
             return f"holds {shape[0]} rows; this config allows at most {cap}"
         if rows is not None and shape[0] != rows:

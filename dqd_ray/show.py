@@ -37,8 +37,8 @@ def archive_png(run: Run, path: Path, vmin=None, vmax=None) -> Path:
 def run(run_dirs: list[str], out: str | None = None) -> dict:
     """Prints the summary table and writes the heatmaps, curves and tables to ``out``."""
     out_dir = Path(out) if out else _default_out(run_dirs)
+    runs = [load_run(d, need_archive=False) for d in run_dirs]  # refuses before writing
     out_dir.mkdir(parents=True, exist_ok=True)
-    runs = [load_run(d, need_archive=False) for d in run_dirs]
     rows = [summary_row(r) for r in runs]
     table = format_table(rows)
     print(table)

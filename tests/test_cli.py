@@ -76,14 +76,14 @@ def _refuse_work(monkeypatch):
 
 BAD_ARGS = [
     (["demo", "--env", "QDSnake-v0"],
-     "--env 'QDSnake-v0' is not a QD environment: choose one of QDAntBulletEnv-v0, "
-     "QDHalfCheetahBulletEnv-v0, QDHopperBulletEnv-v0, QDWalker2DBulletEnv-v0"),
+     ("--env 'QDSnake-v0' is not a QD environment: choose one of QDAntBulletEnv-v0, "
+      "QDHalfCheetahBulletEnv-v0, QDHopperBulletEnv-v0, QDWalker2DBulletEnv-v0")),
     (["demo", "--episodes", "0"], "--episodes must be at least 1, got 0"),
     (["demo", "--episodes", "-2"], "--episodes must be at least 1, got -2"),
     (["demo", "--seed", "-1"], "--seed must be at least 0, got -1"),
     (["run", "--out", "{tmp}/taken"],
-     "--out {tmp}/taken is an existing file, not a directory: pass the path of a new run "
-     "directory"),
+     ("--out {tmp}/taken is an existing file, not a directory: pass the path of a new run "
+      "directory")),
     (["run", "--out", "{tmp}/taken/run"],
      "--out {tmp}/taken/run lies under {tmp}/taken, which is a file, not a directory"),
     (["run", "--out", "{tmp}/run", "--num-cpus", "0"], "--num-cpus must be at least 1, got 0"),
@@ -94,8 +94,8 @@ BAD_ARGS = [
     (["run", "--out", "{tmp}/run", "--set", "td3.batch_size=[1,"],
      "--set 'td3.batch_size=[1,': the value is not valid YAML"),
     (["run", "--out", "{tmp}/run", "--set", "resources.num_rollout_workers=0"],
-     "resources.num_rollout_workers: Value error, a run needs at least 1 rollout worker, got 0: "
-     "set a positive number, or leave it unset (null)"),
+     ("resources.num_rollout_workers: Value error, a run needs at least 1 rollout worker, "
+      "got 0: set a positive number, or leave it unset (null)")),
     (["resume", "{tmp}/run", "--num-cpus", "-1"], "--num-cpus must be at least 1, got -1"),
     (["render", "{tmp}/run", "--frame-every", "0"],
      "--frame-every must be at least 1, got 0: pass the env steps per GIF frame"),
@@ -114,8 +114,8 @@ BAD_ARGS = [
     (["robustness", "{tmp}/run", "--seed", "-7"], "--seed must be at least 0, got -7"),
     (["robustness", "{tmp}/run", "--num-cpus", "0"], "--num-cpus must be at least 1, got 0"),
     (["robustness", "{tmp}/run", "--out", "{tmp}/taken"],
-     "--out {tmp}/taken is an existing file, not a directory: pass a directory for "
-     "robustness.json"),
+     ("--out {tmp}/taken is an existing file, not a directory: pass a directory for "
+      "robustness.json")),
 ]
 
 

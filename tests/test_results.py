@@ -119,6 +119,13 @@ def test_render_twice_gives_identical_frames_and_the_archived_episode(runs, tmp_
     assert main(["render", str(runs["cheetah"]), "--measures", "0.5"]) == 2
     assert "needs 2 values" in capsys.readouterr().err
     assert main(["render", str(runs["cheetah"]), "--elite", "9999"]) == 2
+    # Bad arguments on a real run: refused before the episode (more in test_cli.py).
+    zero = tmp_path / "zero.gif"
+    assert main(["render", str(runs["cheetah"]), "--frame-every", "0", "--out", str(zero)]) == 2
+    assert "--frame-every must be at least 1, got 0" in capsys.readouterr().err
+    assert main(["render", str(runs["cheetah"]), "--steps", "0", "--out", str(zero)]) == 2
+    assert "--steps must be at least 1, got 0" in capsys.readouterr().err
+    assert not zero.exists()
 
 
 def test_robustness_with_the_archives_own_seeds_is_zero(runs, capsys):
@@ -146,5 +153,14 @@ def test_robustness_on_ray_uses_every_worker_and_new_seeds(runs, ray_session, ca
 
 
 def test_show_and_render_refuse_what_is_not_a_run(tmp_path, capsys):
+    assert main(["render", str(tmp_path)]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+    # On Ray by default, but the directory is read first: refused before Ray starts.
+    assert main(["robustness", str(tmp_path)]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+    assert main(["robustness", str(tmp_path), "--episodes", "0"]) == 2
+    assert "--episodes must be at least 1, got 0" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # nothing written
     assert main(["show", str(tmp_path)]) == 2
     assert "not a run directory" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # show refuses before creating its output folder
