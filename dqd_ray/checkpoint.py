@@ -52,7 +52,7 @@ import shutil
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -296,6 +296,8 @@ def latest_valid(ckpt_root: str | os.PathLike) -> tuple[Path, dict] | None:
             if "format version" in str(err):
                 raise
             _skip(err)
+            if refused is not None:
+                refused.append(str(err))
     return None
 
 
@@ -304,7 +306,9 @@ def _skip(err: CheckpointError) -> None:
     print(f"warning: skipping checkpoint: {err}")
 
 
-def latest_loadable(ckpt_root: str | os.PathLike, older_than: str | os.PathLike | None = None
+def latest_loadable(ckpt_root: str | os.PathLike, older_than: str | os.PathLike | None = None,
+                    check: Callable[[dict], None] | None = None,
+                    refused: list[str] | None = None
                     ) -> tuple[Path, dict, dict[str, Any]] | None:
     """The newest checkpoint that verifies *and* loads: ``(path, manifest, state)``.
 
@@ -316,6 +320,12 @@ def latest_loadable(ckpt_root: str | os.PathLike, older_than: str | os.PathLike 
         ckpt_root: The run's ``checkpoints`` directory.
         older_than: Consider only checkpoints older than this one (a checkpoint
             whose state the live system then refused to restore).
+        check: Called with each verified manifest before its files are loaded
+            (resume: the manifest's config must be the run's, so that the
+            limits the files are read under are the run's own). A
+            :class:`CheckpointError` it raises skips the checkpoint; any other
+            exception propagates.
+        refused: If given, each skipped checkpoint's refusal is appended to it.
     """
     paths = list_checkpoints(ckpt_root)
     if older_than is not None:
@@ -324,11 +334,15 @@ def latest_loadable(ckpt_root: str | os.PathLike, older_than: str | os.PathLike 
     for path in reversed(paths):
         try:
             manifest = verify(path)
+            if check is not None:
+                check(manifest)
             return path, manifest, load_checkpoint(path, manifest)
         except CheckpointError as err:
             if "format version" in str(err):
                 raise
             _skip(err)
+            if refused is not None:
+                refused.append(str(err))
     return None
 
 

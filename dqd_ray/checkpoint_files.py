@@ -107,8 +107,11 @@ class Limits:
             spec = PolicySpec.from_config(cfg.env.id, cfg.policy)
             dims = cfg.env.resolved_dims()
         except (ValueError, TypeError, KeyError) as err:
-            raise CheckpointError(f"its config is not a valid experiment config "
-                                  f"({str(err).strip().splitlines()[0]})") from None
+            errors = getattr(err, "errors", None)  # pydantic: the field and the problem
+            why = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                            for e in errors()[:3]) if callable(errors) else str(err).strip()
+            raise CheckpointError(f"its config is not a valid experiment config ({why})"
+                                  ) from None
         k = len(dims)
         algo = cfg.algorithm.model_dump()
         # Solutions, branches and jacobian rows one iteration holds: every batch
@@ -261,6 +264,7 @@ def read_npz(path: Path, name: str, limits: Limits, size: int | None = None,
                     key = member[:-4]
                     if not member.endswith(".npy") or not key.isidentifier():
                         fail(path, name, f"member {member!r} is not an array of the format")
+                    _stored(path, name, info, fo)
                     with zf.open(info) as mf:
                         dtype, shape, offset = _npy_header(path, name, member, mf, kinds)
                     count = math.prod(shape)
@@ -293,6 +297,16 @@ def read_npz(path: Path, name: str, limits: Limits, size: int | None = None,
             raise
         except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as err:
             fail(path, name, f"unreadable ({type(err).__name__}: {err})"[:500])
+
+
+def _stored(path: Path, name: str, info: zipfile.ZipInfo, fo) -> None:
+    """A zip member stored as is (how numpy and torch write them), within the
+    file: what it declares is on disk, so reading it allocates no more than the
+    file's own size, whatever the config allows (no zip bomb)."""
+    if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size \
+            or info.header_offset + info.file_size > os.fstat(fo.fileno()).st_size:
+        fail(path, name, f"member {info.filename!r} is compressed or larger than the file "
+                         f"({info.file_size} bytes declared); the format stores members as is")
 
 
 def _npy_header(path: Path, name: str, member: str, mf, kinds: str):
@@ -352,6 +366,8 @@ def load_learner(path: Path, name: str, size: int, limits: Limits) -> dict:
             with zipfile.ZipFile(fo) as zf:
                 infos = zf.infolist()
                 total = sum(i.file_size for i in infos)
+                for info in infos:
+                    _stored(path, name, info, fo)
             if len(infos) > MAX_NPZ_MEMBERS or total > limits.file_bytes(name):
                 fail(path, name, f"declares {len(infos)} records of {fmt(total)}; "
                      f"this config's learners hold at most {fmt(limits.data_bytes(name))}")

@@ -40,6 +40,7 @@ import signal
 import threading
 import time
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -203,6 +204,7 @@ class Experiment:
         self.wandb_run = wandb_run or {}  # WandbSink keywords (a Tune trial's name, group)
         self.meta = env_metadata(cfg.env.id)
         self._state: dict | None = None  # a checkpoint already read into memory
+        self._fallback = None  # resume: the manifest check older checkpoints must pass
         self._lock = RunLock(self.run_dir)  # create/resume/restore take it; run() releases it
 
     # -- entry points ------------------------------------------------------------
@@ -254,19 +256,30 @@ class Experiment:
             raise ConfigError("resume cannot change these settings of the run:\n  "
                               + "\n  ".join(diffs)
                               + f"\n(only {', '.join(RESUMABLE)} may change on resume)")
-        found = ckpt.latest_valid(run_dir / "checkpoints")
+
+        def same_config(manifest: dict) -> None:
+            # Before any file is read: the files' limits come from this config.
+            saved = {k: v for k, v in manifest["config"].items() if k not in RESUMABLE}
+            diffs = _diff(saved, {k: v for k, v in original.model_dump(mode="json").items()
+                                  if k not in RESUMABLE})
+            if diffs:
+                raise ConfigError(f"{run_dir}/config.yaml differs from the checkpoint's "
+                                  "config:\n  " + "\n  ".join(diffs))
+
+        # The newest checkpoint that verifies and loads; refused ones are
+        # skipped with a warning naming the file and the problem.
+        refused: list[str] = []
+        found = ckpt.latest_loadable(run_dir / "checkpoints", check=same_config,
+                                     refused=refused)
         if found is None:
-            raise ckpt.CheckpointError(f"{run_dir}: no intact checkpoint to resume from")
-        path, manifest = found
-        saved = manifest["config"]
-        s_a = {k: v for k, v in saved.items() if k not in RESUMABLE}
-        diffs = _diff(s_a, {k: v for k, v in original.model_dump(mode="json").items()
-                            if k not in RESUMABLE})
-        if diffs:
-            raise ConfigError(f"{run_dir}/config.yaml differs from the checkpoint's config:\n  "
-                              + "\n  ".join(diffs))
+            raise ckpt.CheckpointError(f"{run_dir}: no intact checkpoint to resume from"
+                                       + "".join(f"\n  {r}" for r in refused))
+        path, manifest, state = found
         atomic_write_text(run_dir / "config.yaml", to_yaml(requested))
-        return cls(requested, run_dir, resume_state=(path, manifest), **kw)
+        exp = cls(requested, run_dir, resume_state=(path, manifest), **kw)
+        exp._state = state
+        exp._fallback = same_config  # a checkpoint the system refuses: try older ones
+        return exp
 
     @classmethod
     def restore(cls, cfg: ExperimentConfig, run_dir: str | Path, checkpoint: str | Path,
@@ -358,13 +371,23 @@ class Experiment:
         start_iter, self.wall_s = 0, 0.0
         if state is not None:
             path, manifest = self.resume_state
-            try:
-                system.load(state)
-            except Exception as err:  # noqa: BLE001 - any restore failure is a bad checkpoint
-                system.close()
-                cause = str(err).strip().splitlines()[-1] if str(err).strip() else repr(err)
-                raise ckpt.CheckpointError(f"{path}: cannot restore this checkpoint "
-                                           f"({cause})") from err
+            while True:
+                try:
+                    system.load(state)
+                    break
+                except Exception as err:  # noqa: BLE001 - any restore failure is a bad checkpoint
+                    refusal = ckpt.restore_refusal(path, err)
+                    older = None
+                    if self._fallback is not None:  # a resume: the previous intact one
+                        older = ckpt.latest_loadable(self.run_dir / "checkpoints",
+                                                     older_than=path, check=self._fallback)
+                    if older is None:
+                        system.close()
+                        raise refusal from err
+                    warnings.warn(f"skipping checkpoint: {refusal}", stacklevel=2)
+                    print(f"warning: skipping checkpoint: {refusal}")
+                    path, manifest, state = older
+                    self.resume_state = (path, manifest)
             start_iter = int(manifest["iteration"])
             self.wall_s = float(state["extra"].get("wall_s", 0.0))
             print(f"resumed from {path} (iteration {start_iter})")

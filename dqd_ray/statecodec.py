@@ -491,9 +491,9 @@ def _fits_spec(node, arrays: dict, path: str, owner, spec: ArraySpec) -> None:
         want.append(getattr(owner, dim, None) if isinstance(dim, str) else dim)
     if arr.dtype.kind not in spec.kinds or arr.ndim != len(want) or any(
             w is not None and int(w) != n for w, n in zip(want, arr.shape)):
-        shape = tuple("*" if w is None else int(w) for w in want)
+        shape = ", ".join("*" if w is None else str(int(w)) for w in want)
         raise StateError(f"{path}: an array of {arr.dtype} {arr.shape} where an array of "
-                         f"kind {spec.kinds!r} and shape {shape} is expected")
+                         f"kind {spec.kinds!r} and shape ({shape}) is expected")
 
 
 def _fits_array(fresh: np.ndarray, arr: np.ndarray, path: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -199,7 +200,7 @@ def _rewrite_manifest(path):
         if not (path / name).exists():
             del manifest["files"][name]
     for f in path.iterdir():
-        if f.name != "manifest.json":
+        if f.name != "manifest.json" and f.suffix != ".pkl":  # a .pkl is refused by name
             manifest["files"][f.name] = {"bytes": f.stat().st_size,
                                          "sha256": hashlib.sha256(f.read_bytes()).hexdigest()}
     (path / "manifest.json").write_text(json.dumps(manifest))
@@ -217,7 +218,9 @@ def test_checkpoint_files_hold_no_pickle(tmp_path):
 
 def test_crafted_checkpoint_is_refused_without_running_anything(tmp_path):
     out = _tiny_run(tmp_path)
-    path = ckpt.list_checkpoints(out / "checkpoints")[-1]
+    *older, path = ckpt.list_checkpoints(out / "checkpoints")
+    for p in older:  # the crafted checkpoint is the only one: no fallback
+        shutil.rmtree(p)
     marker = tmp_path / "pwned"
     tree = json.loads((path / "coordinator.json").read_text())
     # An object of a type outside the allowlist, with a command in its attributes.

@@ -199,6 +199,14 @@ def test_manifest_must_list_every_required_file(source, tmp_path):
     refused(lambda: load(path), "manifest.json", "does not list coordinator.npz")
 
 
+def test_a_manifest_whose_config_is_not_a_config_is_refused(source, tmp_path):
+    _, path = copy_run(source, tmp_path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["config"]["env"]["id"] = "../../etc/passwd"
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    refused(lambda: load(path), "manifest.json", "not a valid experiment config", "env")
+
+
 def test_sizes_are_checked_before_hashing(source, tmp_path):
     _, path = copy_run(source, tmp_path)
     manifest = json.loads((path / "manifest.json").read_text())
@@ -237,6 +245,28 @@ def test_npz_member_declaring_1e12_elements_is_refused_before_allocation(source,
             z[key]
     msg = refused(lambda: load(path), name, f"'{key}'", "(1000000000000,)")
     assert "8.0 TB" in msg
+
+
+def test_1e12_elements_are_refused_even_under_a_crafted_config(source, tmp_path):
+    """A manifest whose config claims a 10^12-cell archive lifts the limits;
+    what the member holds on disk still bounds what is read."""
+    _, path = copy_run(source, tmp_path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["config"]["env"]["archive_dims"] = [1000] * 4
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    key = tree_of(path)[SCHED[0]][SCHED[1]][SCHED[2]]["_cur_solutions"]["__array__"]
+    declare_huge(path / "coordinator.npz", key)
+    refit(path)
+    refused(lambda: load(path), "coordinator.npz", f"'{key}'", "(1000000000000,)",
+            "declares 192 bytes in the zip")
+
+
+def test_compressed_npz_members_are_refused(source, tmp_path):
+    """np.savez stores members as is: a deflated member (a possible zip bomb) is refused."""
+    _, path = copy_run(source, tmp_path)
+    np.savez_compressed(path / "archive.npz", **arrays_of(path, "archive.npz"))
+    refit(path)
+    refused(lambda: load(path), "archive.npz", "is compressed")
 
 
 def test_npz_member_whose_zip_size_disagrees_with_its_header_is_refused(source, tmp_path):
@@ -454,6 +484,26 @@ def test_latest_loadable_skips_refused_checkpoints_newest_first(source, tmp_path
         ckpt.latest_loadable(root)
 
 
+def test_latest_loadable_checks_each_manifest_before_loading_its_files(source, tmp_path):
+    run, newest = copy_run(source, tmp_path)
+    root, seen = run / "checkpoints", []
+
+    def check(manifest):  # e.g. resume: the checkpoint's config is the run's
+        seen.append(manifest["iteration"])
+        if manifest["iteration"] == 2:
+            raise ckpt.CheckpointError(f"{newest}: manifest.json: another run's config")
+
+    with pytest.warns(UserWarning, match="another run's config"):
+        assert ckpt.latest_loadable(root, check=check)[0].name == "ckpt_0000001"
+    assert seen == [2, 1]
+
+    def other(manifest):
+        raise KeyError("not a checkpoint problem")
+
+    with pytest.raises(KeyError):
+        ckpt.latest_loadable(root, check=other)
+
+
 def test_resume_falls_back_to_the_previous_intact_checkpoint(source, tmp_path):
     run, newest = copy_run(source, tmp_path)
     name_in_manifest(newest, "/dev/zero", {"bytes": 0, "sha256": hashlib.sha256(b"").hexdigest()})
@@ -462,6 +512,25 @@ def test_resume_falls_back_to_the_previous_intact_checkpoint(source, tmp_path):
     assert exp.resume_state[0].name == "ckpt_0000001"
     summary = exp.run()
     assert summary["final"]["iteration"] == 2
+
+
+def test_resume_falls_back_when_the_live_coordinator_refuses_the_newest(source, tmp_path):
+    """A checkpoint that loads but that the freshly built coordinator refuses
+    (an attribute the scheduler lacks) is skipped the same way, at restore."""
+    run, newest = copy_run(source, tmp_path)
+    tree = tree_of(newest)
+    tree[SCHED[0]][SCHED[1]][SCHED[2]]["evil"] = 1
+    (newest / "coordinator.json").write_text(json.dumps(tree))
+    refit(newest)
+    exp = Experiment.resume(run, ["iterations=3"], backend="inprocess")
+    assert exp.resume_state[0] == newest  # it loads: only the live object can refuse it
+    with pytest.warns(UserWarning, match="skipping checkpoint.*coordinator.json.*evil"):
+        summary = exp.run()
+    assert exp.resume_state[0].name == "ckpt_0000001"
+    assert summary["final"]["iteration"] == 3
+    from dqd_ray.loop import read_metrics
+
+    assert [m["iteration"] for m in read_metrics(run)] == [1, 2, 3]
 
 
 # -- durability ------------------------------------------------------------------------
