@@ -296,8 +296,6 @@ def latest_valid(ckpt_root: str | os.PathLike) -> tuple[Path, dict] | None:
             if "format version" in str(err):
                 raise
             _skip(err)
-            if refused is not None:
-                refused.append(str(err))
     return None
 
 
