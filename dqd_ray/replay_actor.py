@@ -26,9 +26,9 @@ def _resolve(actor):
 
 class _ReplayClient:
     """A replay actor reached by handle or by name, with call deadlines (the
-    placement gives it half of ``resources.call_timeout_s``)."""
+    placement gives it a quarter of ``resources.call_timeout_s``)."""
 
-    SETTING = "half of resources.call_timeout_s, for the replay buffer's short calls"
+    SETTING = "a quarter of resources.call_timeout_s, for the replay buffer's short calls"
 
     def __init__(self, replay, timeout_s: float = 600.0, restart_timeout_s: float = 600.0):
         self._replay = replay

@@ -218,16 +218,17 @@ class OnRay:
 
         return ray.put(value)
 
-    # Workers and learners give the replay buffer half the deadline: when it is
-    # the one stuck, its own deadline fires first and the message names it, not
-    # the worker or learner waiting on it.
+    # Workers and learners give the replay buffer a quarter of the deadline:
+    # when it is the one stuck, its own deadline fires first and the message
+    # names it, not the worker or learner waiting on it.
     def sink(self, replay):
-        return ReplaySink(self._names.get(id(replay), replay), timeout_s=self.call_timeout_s / 2,
+        return ReplaySink(self._names.get(id(replay), replay),
+                          timeout_s=self.call_timeout_s / 4,
                           restart_timeout_s=self.restart_timeout_s)
 
     def sampler(self, replay):
         return ReplayActorSampler(self._names.get(id(replay), replay),
-                                  timeout_s=self.call_timeout_s / 2,
+                                  timeout_s=self.call_timeout_s / 4,
                                   restart_timeout_s=self.restart_timeout_s)
 
     def named(self, handle, name: str):
