@@ -15,7 +15,7 @@ import numpy as np
 
 from dqd_ray import checkpoint as ckpt
 from dqd_ray.config import ConfigError, ExperimentConfig, build_config
-from dqd_ray.envs import env_metadata, make_env
+from dqd_ray.envs import make_env
 from dqd_ray.rundir import read_jsonl
 from dqd_ray.policy import PolicySpec
 

@@ -1,0 +1,79 @@
+"""The rollout workers as one evaluator, over any placement."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dqd_ray.runtime.placement import InProcess
+
+
+class PooledEvaluator:
+    """Evaluates genomes on the rollout workers, a few genomes per call.
+
+    On Ray, chunks go to actors as they free up (two queued per actor), so
+    long and short episodes balance; actors restart and retry, and a chunk's
+    result is taken once. In process the chunks run one after another. In
+    keyed mode (sync learners) transitions are staged per genome and the
+    replay buffer commits them in genome order after each call, so which
+    worker ran which genome changes nothing.
+    """
+
+    def __init__(self, placement, workers: list, replay, chunk: int = 4, keyed: bool = False):
+        self.placement, self.workers, self.replay = placement, list(workers), replay
+        self.chunk, self.keyed = chunk, keyed
+        self.calls = 0
+
+    def evaluate(self, genomes: np.ndarray, seeds: np.ndarray, record: bool = True,
+                 **options) -> dict:
+        """One episode per genome; ``options`` go to :meth:`RolloutWorker.evaluate`
+        (``action_noise``, and ``collect_obs``, one flag per genome)."""
+        p = self.placement
+        genomes = np.ascontiguousarray(genomes, np.float32)
+        seeds = np.asarray(seeds)
+        n = len(genomes)
+        ref = p.put(genomes)
+        if isinstance(p, InProcess):  # one call per worker: its envs step in lockstep
+            parts = [a for a in np.array_split(np.arange(n), len(self.workers)) if len(a)]
+        else:
+            # Smaller chunks when there are more workers than chunks: every
+            # worker gets work (96 workers, 101 genomes: chunks of 2, not 4).
+            size = max(1, min(self.chunk, -(-n // max(1, len(self.workers)))))
+            parts = [np.arange(i, min(i + size, n)) for i in range(0, n, size)]
+        todo = list(range(len(parts)))
+        running: dict = {}
+        free = list(range(len(self.workers))) * 2
+        results: dict[int, dict] = {}
+        call = self.calls
+        self.calls += 1
+        keyed = self.keyed and record
+        while todo or running:
+            while todo and free:
+                w, part = free.pop(0), todo.pop(0)
+                idx = parts[part]
+                keys = [(call, int(i)) for i in idx] if keyed else None
+                opts = {k: (np.asarray(v)[idx] if np.ndim(v) else v) for k, v in options.items()}
+                fut = p.call(self.workers[w], "evaluate_indices", ref, idx, seeds[idx], keys,
+                             record, opts or None)
+                running[id(fut)] = (fut, w, part)
+            done, _ = p.wait_any([f for f, _, _ in running.values()])
+            _, w, part = running.pop(id(done))
+            results[part] = p.get(done)
+            free.append(w)
+        if keyed:
+            p.get(p.call(self.replay, "commit"))
+        k = results[0]["measures"].shape[1] if n else 0
+        out = {"fitness": np.empty(n), "measures": np.empty((n, k)),
+               "length": np.empty(n, np.int64), "valid": np.empty(n, bool), "env_steps": 0}
+        per_genome = ["fitness", "measures", "length", "valid"]
+        if options.get("collect_obs") is not None and n:
+            per_genome += ["obs_sum", "obs_sumsq", "obs_count"]
+            for key in per_genome[4:]:
+                first = results[0][key]
+                out[key] = np.empty((n, *first.shape[1:]), first.dtype)
+        for part, res in results.items():
+            idx = parts[part]
+            for key in per_genome:
+                out[key][idx] = res[key]
+            out["env_steps"] += int(res["env_steps"])
+        return out
+
