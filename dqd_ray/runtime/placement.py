@@ -185,3 +185,4 @@ def make_placement(name: str, resources) -> InProcess | OnRay:
     if name == "ray":
         return OnRay(call_timeout_s=resources.call_timeout_s,
                      restart_timeout_s=resources.wait_for_resources_s)
+    return InProcess()
