@@ -37,7 +37,7 @@ bench: $(STAMP)
 	$(BIN)/dqd-ray bench iteration --json runs/bench_iteration.json
 
 # The five paper algorithms on QD Ant at one evaluation budget (about 45 minutes
-# on 2 cores; the README's comparison table).
+# on 2 cores; docs/algorithms.md's comparison table).
 bench-quality: $(STAMP)
 	$(BIN)/dqd-ray bench quality --evaluations 2000 --seeds 0 1 --robustness-episodes 3 \
 		--out runs/quality_ant --json runs/bench_quality.json

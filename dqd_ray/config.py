@@ -476,7 +476,7 @@ def _format_error(err: ValidationError) -> str:
                        + (f" (it belongs to {', '.join(owners)})" if owners else "")
                        + f"; {name} takes: {', '.join(fields)}")
         elif e["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; see the config reference in the README)"
+            msg = "unknown key (check the spelling; `dqd-ray config` prints every setting)"
         elif e["type"] == "union_tag_invalid":
             msg = f"unknown algorithm; choose one of {list(ALGORITHM_CONFIGS)}"
         lines.append(f"  {loc}: {msg}")

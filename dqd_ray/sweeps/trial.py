@@ -171,8 +171,8 @@ def wandb_env() -> dict[str, str]:
 
     Never ``WANDB_API_KEY`` or any other secret: what goes in a job's
     ``runtime_env`` is logged by Ray and kept in its job table. Nodes read
-    the key from their own environment (``cluster/*.yaml``, README
-    "Security"); a local Ray started here inherits this process's.
+    the key from their own environment (``cluster/*.yaml``,
+    docs/security.md); a local Ray started here inherits this process's.
     """
     mode = os.environ.get("WANDB_MODE")
     return {"WANDB_MODE": mode} if mode else {}
