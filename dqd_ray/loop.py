@@ -191,6 +191,20 @@ def make_system(cfg: ExperimentConfig, backend: Backend, torch_threads: int | No
     return build(cfg, backend, torch_threads=torch_threads, run_dir=run_dir)
 
 
+def _under_lock(run_dir: Path, make):
+    """``make()`` with ``run_dir``'s lock held (a directory a running process
+    holds is refused); the lock stays with the Experiment made, and is
+    released if making it fails."""
+    lock = RunLock(run_dir).acquire()
+    try:
+        exp = make()
+    except BaseException:
+        lock.release()
+        raise
+    exp._lock = lock
+    return exp
+
+
 class Experiment:
     """One run directory and the loop that fills it."""
 
@@ -213,19 +227,16 @@ class Experiment:
     def create(cls, cfg: ExperimentConfig, run_dir: str | Path | None = None, **kw) -> "Experiment":
         run_dir = Path(run_dir) if run_dir else default_run_dir(cfg)
         run_dir.mkdir(parents=True, exist_ok=True)
-        lock = RunLock(run_dir).acquire()  # refuses a directory a running process holds
-        try:
+
+        def make() -> Experiment:
             if (run_dir / "config.yaml").exists():
                 raise ConfigError(f"{run_dir} already holds a run; use `dqd-ray resume "
                                   f"{run_dir}` or choose another --out")
             atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
             atomic_write_text(run_dir / "run_id", uuid.uuid4().hex[:12])
-            exp = cls(cfg, run_dir, **kw)
-        except BaseException:
-            lock.release()
-            raise
-        exp._lock = lock
-        return exp
+            return cls(cfg, run_dir, **kw)
+
+        return _under_lock(run_dir, make)
 
     @classmethod
     def resume(cls, run_dir: str | Path, sets: list[str] | None = None, **kw) -> "Experiment":
@@ -233,14 +244,7 @@ class Experiment:
         cfg_path = run_dir / "config.yaml"
         if not cfg_path.exists():
             raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
-        lock = RunLock(run_dir).acquire()
-        try:
-            exp = cls._resume_locked(run_dir, sets, **kw)
-        except BaseException:
-            lock.release()
-            raise
-        exp._lock = lock
-        return exp
+        return _under_lock(run_dir, lambda: cls._resume_locked(run_dir, sets, **kw))
 
     @classmethod
     def _resume_locked(cls, run_dir: Path, sets: list[str] | None, **kw) -> Experiment:
@@ -298,13 +302,8 @@ class Experiment:
         manifest = ckpt.verify(path)
         state = ckpt.load_checkpoint(path, manifest)
         run_dir.mkdir(parents=True, exist_ok=True)
-        lock = RunLock(run_dir).acquire()
-        try:
-            exp = cls._restore_locked(cfg, run_dir, path, manifest, **kw)
-        except BaseException:
-            lock.release()
-            raise
-        exp._lock = lock
+        exp = _under_lock(run_dir, lambda: cls._restore_locked(cfg, run_dir, path, manifest,
+                                                               **kw))
         exp._state = state
         return exp
 

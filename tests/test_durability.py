@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import socket
-import struct
 import subprocess
 import sys
 import warnings
@@ -28,6 +27,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from wandb_records import wandb_history
 
 from dqd_ray import checkpoint as ckpt
 from dqd_ray.bench.quality import curves_of
@@ -369,27 +369,6 @@ def test_a_tune_style_restore_in_the_same_process_after_a_run(run_dir, tmp_path)
 # -- the end of a run reaches wandb ------------------------------------------------------
 
 
-def wandb_history(path: Path) -> list[dict]:
-    """The history rows of an offline run's ``.wandb`` file (what `wandb sync`
-    uploads); the reader of tests/test_tune.py."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data, pos, block, buf, rows = path.read_bytes(), 7, 32768, b"", []
-    assert data[:4] == b":W&B"
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:
-            pos += block - pos % block
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
-        buf = chunk if kind in (1, 2) else buf + chunk
-        if kind in (1, 4):
-            rec = pb.Record()
-            rec.ParseFromString(buf)
-            if rec.WhichOneof("record_type") == "history":
-                rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json)
-                             for i in rec.history.item})
-    return rows
 
 
 def _offline_runs(run_dir: Path) -> list[Path]:
