@@ -225,7 +225,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from dqd_ray.bench import quality
 
         quality.run(env_ids=tuple(args.env) or ("QDAntBulletEnv-v0",),
-                    presets=tuple(args.presets), evaluations=args.evaluations,
+                    presets=args.presets and tuple(args.presets), evaluations=args.evaluations,
                     seeds=tuple(args.seeds), sets=args.set, out=args.out,
                     json_path=args.json, robustness_episodes=args.robustness_episodes,
                     num_cpus=args.num_cpus)
@@ -262,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--local-inprocess", action="store_true",
                        help="run every role in this process, without Ray (debugging)")
 
-    from dqd_ray.config import PRESETS
+    from dqd_ray.config import PAPER_PRESETS, PRESETS
 
     preset_help = "one of: " + ", ".join(PRESETS)
     run = sub.add_parser("run", help="run an experiment")
@@ -412,8 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
         "best fitness and robustness (mean and spread over seeds), and the curves")
     b_q.add_argument("--env", action="append", default=[],
                      help="an env id (repeatable; default: QD Ant)")
-    b_q.add_argument("--presets", nargs="+",
-                     default=["cma_mega_es", "cma_mega_td3_es", "pga_me", "me_es", "map_elites"])
+    b_q.add_argument("--presets", nargs="+", default=None, metavar="PRESET",
+                     help="presets to compare (default: the paper's: " + ", ".join(PAPER_PRESETS) + ")")
     b_q.add_argument("--evaluations", type=int, default=20000,
                      help="evaluation budget of every run")
     b_q.add_argument("--seeds", type=int, nargs="+", default=[0, 1])

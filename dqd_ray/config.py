@@ -16,8 +16,9 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from dqd_ray.presets import PAPER_PRESETS, PRESETS  # noqa: F401 - re-exported
-from dqd_ray.presets import merge as _merge
+from dqd_ray import algorithms
+from dqd_ray.algorithms import PAPER_PRESETS, PRESETS  # noqa: F401 - re-exported
+from dqd_ray.presets import merge
 
 
 class _Strict(BaseModel):
@@ -99,135 +100,12 @@ class PolicyConfig(_Strict):
         return v
 
 
-class _AlgorithmBase(_Strict):
-    x0_from_policy_init: bool = Field(
-        True, description="Start from a Xavier-initialized policy (else zeros); paper: Xavier."
-    )
+def _algorithm_union():
+    """The union of every registered algorithm's settings (told apart by ``name``)."""
+    return Union[tuple(algorithms.configs().values())]  # noqa: UP007
 
 
-class CMAMEGAConfig(_AlgorithmBase):
-    """CMA-MEGA: gradient-arborescence emitters over a CMA-ES coefficient distribution."""
-
-    name: Literal["cma_mega"] = "cma_mega"
-    gradients: Literal["td3", "td3_es", "es"] = Field(
-        "td3", description="Where gradients come from: TD3 critics for all objectives, "
-        "TD3 for fitness and ES for measures (paper: CMA-MEGA (TD3, ES)), or ES for all."
-    )
-    num_emitters: int = Field(1, gt=0, description="Gradient-arborescence emitters (paper: 1).")
-    batch_size: int = Field(
-        16, ge=2, description="CMA-ES branches per emitter per iteration, theta and the greedy "
-        "actor excluded (paper: 98 with the greedy TD3 actor, 99 without)."
-    )
-    sigma0: float = Field(1.0, gt=0, description="Initial CMA-ES step size of the coefficients.")
-    lr: float = Field(1.0, gt=0, description="Step size of the gradient-ascent optimizer on theta.")
-    selection_rule: Literal["mu", "filter"] = Field("mu", description="Parent selection.")
-    restart_rule: Literal["no_improvement", "basic"] = Field("no_improvement")
-    normalize_grad: bool = Field(True, description="Normalize each gradient row.")
-    es_engine: Literal["cma_es", "sep_cma_es", "pycma_es"] = Field(
-        "cma_es", description="CMA-ES implementation of the coefficient distribution: pyribs' "
-        "own CMA-ES with positive weights over mu parents (the paper's), or pycma."
-    )
-    insert_greedy: bool | None = Field(
-        None, description="Evaluate the greedy TD3 actor every iteration and insert it "
-        "(default: whenever a fitness critic exists, as the paper does)."
-    )
-
-    @model_validator(mode="after")
-    def _greedy_needs_critic(self):
-        if self.insert_greedy and self.gradients == "es":
-            raise ValueError("insert_greedy needs a fitness critic, but gradients='es' trains "
-                             "none; set gradients to td3 or td3_es, or insert_greedy=false")
-        return self
-
-    @property
-    def greedy(self) -> bool:
-        return self.gradients != "es" if self.insert_greedy is None else self.insert_greedy
-
-
-class CMAMAEGAConfig(CMAMEGAConfig):
-    """CMA-MAEGA: CMA-MEGA with an archive learning rate (soft thresholds)."""
-
-    name: Literal["cma_maega"] = "cma_maega"
-    archive_learning_rate: float = Field(0.01, gt=0, le=1, description="Archive learning rate.")
-    threshold_min: float | None = Field(
-        None, description="Minimum cell threshold; default: the env's QD-score offset."
-    )
-
-
-class PGAMEConfig(_AlgorithmBase):
-    """PGA-MAP-Elites: iso-line variation plus policy-gradient variation from a TD3 critic."""
-
-    name: Literal["pga_me"] = "pga_me"
-    iso_sigma: float = Field(0.005, gt=0, description="Iso-line emitter's isotropic noise.")
-    line_sigma: float = Field(0.05, ge=0, description="Iso-line emitter's line noise.")
-    iso_batch_size: int = Field(50, gt=0, description="Iso-line solutions per iteration.")
-    pg_batch_size: int = Field(
-        50, ge=2, description="Policy-gradient emitter's solutions per iteration: the greedy "
-        "actor plus pg_batch_size-1 varied elites."
-    )
-    pg_steps: int = Field(10, gt=0, description="Adam steps up the fitness critic per variant.")
-    pg_lr: float = Field(0.001, gt=0, description="Adam learning rate of the PG variation.")
-    pg_states: int = Field(256, gt=0, description="Fresh buffer states per PG step.")
-    init_sigma: float = Field(
-        0.02, gt=0, description="While the archive is empty: x0 + N(0, init_sigma^2)."
-    )
-
-
-class MapElitesConfig(_AlgorithmBase):
-    """MAP-Elites with Gaussian variation."""
-
-    name: Literal["map_elites"] = "map_elites"
-    sigma: float = Field(0.02, gt=0, description="Gaussian mutation std (and around x0 at start).")
-    batch_size: int = Field(100, gt=0, description="Solutions per iteration.")
-
-
-class MEESConfig(_AlgorithmBase):
-    """ME-ES, explore-exploit (Colas et al. 2020), with the official CMA-MEGA code's
-    "mees_damage" settings as defaults (see :mod:`dqd_ray.algorithms.me_es`)."""
-
-    name: Literal["me_es"] = "me_es"
-    num_pairs: int = Field(
-        100, gt=0, description="Mirrored perturbation pairs per iteration: 2x this many "
-        "evaluations (official: 100 workers x batch 1)."
-    )
-    noise_std: float = Field(0.02, gt=0, description="Std of the parameter perturbations.")
-    learning_rate: float = Field(0.01, gt=0, description="Adam learning rate of the ES step.")
-    l2_coeff: float = Field(0.005, ge=0, description="L2 coefficient added to the ES gradient.")
-    consecutive_steps: int = Field(
-        10, gt=0, description="ES steps from one starting cell before a new cell is drawn."
-    )
-    novelty_k: int = Field(10, gt=0, description="Nearest neighbours of the novelty score.")
-    mode: Literal["explore_exploit", "explore", "exploit"] = Field(
-        "explore_exploit", description="Alternate novelty and return runs (robin), or only one."
-    )
-    explore_strategy: Literal["novelty_bias", "best_or_uniform", "uniform"] = Field(
-        "novelty_bias", description="Starting cell of an explore run (official: novelty_bias)."
-    )
-    exploit_strategy: Literal["best2inlast5_or_best", "best_or_uniform", "uniform"] = Field(
-        "best2inlast5_or_best", description="Starting cell of an exploit run (official: "
-        "best2inlast5_or_best)."
-    )
-    action_noise: float = Field(
-        0.01, ge=0, description="Gaussian action noise while evaluating the perturbations "
-        "(none for the evaluation that is inserted)."
-    )
-    obs_norm: bool = Field(True, description="Normalize observations by running statistics.")
-    obs_collect_prob: float = Field(
-        0.001, ge=0, le=1, description="Probability that a negative-direction episode's "
-        "observations join the statistics (official: 0.001)."
-    )
-    eval_episodes: int = Field(1, gt=0, description="Episodes of the new theta (mean inserted).")
-
-
-ALGORITHM_CONFIGS: dict[str, type[_AlgorithmBase]] = {
-    c.model_fields["name"].default: c
-    for c in (CMAMEGAConfig, CMAMAEGAConfig, PGAMEConfig, MapElitesConfig, MEESConfig)
-}
-AlgorithmConfig = CMAMEGAConfig  # the default algorithm's settings
-AnyAlgorithmConfig = Annotated[
-    Union[CMAMEGAConfig, CMAMAEGAConfig, PGAMEConfig, MapElitesConfig, MEESConfig],
-    Field(discriminator="name"),
-]
+AnyAlgorithmConfig = Annotated[_algorithm_union(), Field(discriminator="name")]
 
 
 class TD3Config(_Strict):
@@ -383,7 +261,8 @@ class ExperimentConfig(_Strict):
     evaluations: int | None = Field(None, gt=0, description="Optional evaluation budget.")
     env: EnvConfig = Field(default_factory=EnvConfig)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
-    algorithm: AnyAlgorithmConfig = Field(default_factory=CMAMEGAConfig)
+    algorithm: AnyAlgorithmConfig = Field(
+        default_factory=lambda: algorithms.get(algorithms.DEFAULT_ALGORITHM).config())
     td3: TD3Config = Field(default_factory=TD3Config)
     es: ESConfig = Field(default_factory=ESConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
@@ -396,29 +275,32 @@ class ExperimentConfig(_Strict):
     def _default_algorithm_name(cls, data):
         algo = data.get("algorithm") if isinstance(data, dict) else None
         if isinstance(algo, dict) and "name" not in algo:
-            data = {**data, "algorithm": {"name": "cma_mega", **algo}}
+            data = {**data, "algorithm": {"name": algorithms.DEFAULT_ALGORITHM, **algo}}
         return data
 
-    @model_validator(mode="after")
-    def _checkpointable_engine(self):
-        if getattr(self.algorithm, "es_engine", None) == "pycma_es":
-            raise ValueError("algorithm.es_engine=pycma_es: pycma's state holds code "
-                             "references and cannot be checkpointed without pickle; use "
-                             "cma_es (the paper's engine) or sep_cma_es (pycma remains "
-                             "available to the Coordinator used as a library)")
-        return self
+    def needs(self) -> algorithms.Needs:
+        """What the configured algorithm asks of the system (its module's ``needs``)."""
+        return algorithms.get(self.algorithm.name).needs(self.algorithm,
+                                                         len(self.env.resolved_dims()))
 
     @property
     def uses_td3(self) -> bool:
         """Whether any TD3 critic is trained (gradients, greedy actor or PG variation)."""
-        a = self.algorithm
-        return a.name == "pga_me" or getattr(a, "gradients", "es") in ("td3", "td3_es")
+        return bool(self.needs().critic_objectives)
 
     @property
     def uses_es(self) -> bool:
-        return getattr(self.algorithm, "gradients", None) in ("td3_es", "es")
+        """Whether some gradient rows are estimated by evolution strategies."""
+        return bool(self.needs().es_rows)
 
 
+def _rebuild_algorithm_union(_algorithm=None) -> None:
+    """A newly registered algorithm joins the config's algorithm union."""
+    ExperimentConfig.model_fields["algorithm"].annotation = _algorithm_union()
+    ExperimentConfig.model_rebuild(force=True)
+
+
+algorithms.on_register(_rebuild_algorithm_union)
 
 
 class ConfigError(ValueError):
@@ -460,25 +342,27 @@ def nest_dotted(flat: dict[str, Any]) -> dict:
     return out
 
 
-def _format_error(err: ValidationError) -> str:
+def format_error(err: ValidationError) -> str:
+    """A validation error as one readable line per field (the field's dotted path first)."""
+    configs = algorithms.configs()
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"]
         parts = [str(p) for p in e["loc"]]
-        if len(parts) >= 3 and parts[0] == "algorithm" and parts[1] in ALGORITHM_CONFIGS:
+        if len(parts) >= 3 and parts[0] == "algorithm" and parts[1] in configs:
             name = parts[1]
             loc = ".".join([parts[0], *parts[2:]])
             if e["type"] == "extra_forbidden":
-                owners = [n for n, c in ALGORITHM_CONFIGS.items() if parts[2] in c.model_fields]
-                fields = [f for f in ALGORITHM_CONFIGS[name].model_fields if f != "name"]
+                owners = [n for n, c in configs.items() if parts[2] in c.model_fields]
+                fields = [f for f in configs[name].model_fields if f != "name"]
                 msg = ("" if owners else "unknown key: ") + (f"not a setting of algorithm {name}"
                        + (f" (it belongs to {', '.join(owners)})" if owners else "")
                        + f"; {name} takes: {', '.join(fields)}")
         elif e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; `dqd-ray config` prints every setting)"
         elif e["type"] == "union_tag_invalid":
-            msg = f"unknown algorithm; choose one of {list(ALGORITHM_CONFIGS)}"
+            msg = f"unknown algorithm; choose one of {list(configs)}"
         lines.append(f"  {loc}: {msg}")
     return "invalid config:\n" + "\n".join(lines)
 
@@ -514,11 +398,11 @@ def build_config(
                               f"{_yaml_problem(err)}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
-        data = _merge(data, loaded)
+        data = merge(data, loaded)
     for item in sets or []:
-        data = _merge(data, parse_set(item))
+        data = merge(data, parse_set(item))
     if overrides:
-        data = _merge(data, overrides)
+        data = merge(data, overrides)
     if preset is not None:
         data["preset"] = preset  # an explicit preset wins over the file's label
     preset = data.get("preset")
@@ -526,11 +410,11 @@ def build_config(
     if preset is not None:
         if preset not in PRESETS:
             raise ConfigError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-        base = _merge(PRESETS[preset], {"preset": preset})
+        base = merge(PRESETS[preset], {"preset": preset})
     try:
-        return ExperimentConfig.model_validate(_merge(base, data))
+        return ExperimentConfig.model_validate(merge(base, data))
     except ValidationError as err:
-        raise ConfigError(_format_error(err)) from None
+        raise ConfigError(format_error(err)) from None
 
 
 def to_yaml(cfg: ExperimentConfig) -> str:

@@ -27,7 +27,6 @@ ranked last for the emitters and counted.
 from __future__ import annotations
 
 import hashlib
-import time
 from typing import Any, Callable
 
 import numpy as np
@@ -35,9 +34,7 @@ import numpy as np
 from dqd_ray import algorithms, statecodec
 from dqd_ray.algorithms import BuildContext, MaskedScheduler  # noqa: F401 (re-export)
 from dqd_ray.es_gradients import ESGradient
-
-COUNTERS = ("iteration", "evaluations", "env_steps", "invalid", "nonfinite_gradients",
-            "greedy_inserted", "critic_updates", "robustness_evaluations")
+from dqd_ray.metrics import COUNTERS, PhaseTimer
 
 
 class Coordinator:
@@ -207,115 +204,87 @@ class Coordinator:
     # -- the iteration -----------------------------------------------------------
 
     def iteration(self) -> dict[str, Any]:
-        t0 = time.perf_counter()
+        """One iteration: the numbered steps of the module docstring."""
+        timer = PhaseTimer()
         steps0, evals0 = self.counters["env_steps"], self.counters["evaluations"]
-        # rollout_s / gradient_s / train_s: the coarse split; phase_* the phases
-        # of the paper's iteration (train_s is the wait for training after the
-        # batch; critic_train_s the learner's own training time).
-        timings = {"rollout_s": 0.0, "gradient_s": 0.0, "train_s": 0.0,
-                   "phase_theta_es_s": 0.0, "phase_jacobian_s": 0.0, "phase_batch_s": 0.0,
-                   "phase_robustness_s": 0.0}
-        sched, needs = self.scheduler, self.needs
-        training = None
-        if self.td3_updates > 0 and needs.critic_updates:
-            t = time.perf_counter()
-            training = self.learner.stage_training(self.td3_updates)
-            timings["phase_stage_s"] = time.perf_counter() - t
         metrics: dict[str, Any] = {}
+        training = self._stage_training(timer)                     # 1
+        if self.needs.dqd:
+            metrics.update(self._gradient_step(timer))             # 2
+        if self.needs.es_steps:
+            metrics.update(self._es_generation(timer))             # 2-4, ME-ES
+        else:
+            metrics.update(self._batch(timer, training))           # 3-4
+        train_info = self._finish_training(training, timer)        # 4
+        self.counters["iteration"] += 1
+        self._after_iteration(timer)                               # 5
+        return self._report(metrics, timer, train_info, steps0, evals0)
 
-        if needs.dqd:
-            thetas = sched.ask_dqd()
-            batch, eps = thetas, None
-            if self.es_rows and self.exact_jacobian is None:
-                points, eps = self._es_points(thetas)
-                batch = np.concatenate([thetas, points])
-            t = time.perf_counter()
+    def _stage_training(self, timer: PhaseTimer):
+        """Step 1: stage this iteration's critic updates (sync mode)."""
+        if not (self.td3_updates > 0 and self.needs.critic_updates):
+            return None
+        with timer("phase_stage_s"):
+            return self.learner.stage_training(self.td3_updates)
+
+    def _gradient_step(self, timer: PhaseTimer) -> dict:
+        """Step 2: ``ask_dqd``, evaluate theta (and its ES samples), the gradient
+        rows, ``tell_dqd``."""
+        sched = self.scheduler
+        thetas = sched.ask_dqd()
+        batch, eps = thetas, None
+        if self.es_rows and self.exact_jacobian is None:
+            points, eps = self._es_points(thetas)
+            batch = np.concatenate([thetas, points])
+        with timer("rollout_s", "phase_theta_es_s"):
             out_all = self._evaluate(batch)
-            timings["rollout_s"] += time.perf_counter() - t
-            timings["phase_theta_es_s"] = time.perf_counter() - t
-            n = len(thetas)
-            out = {k: v[:n] if isinstance(v, np.ndarray) else v for k, v in out_all.items()}
-            es_out = None
-            if eps is not None:
-                es_out = ({k: v[n:] for k, v in out_all.items() if isinstance(v, np.ndarray)},
-                          eps)
-            t = time.perf_counter()
+        n = len(thetas)
+        out = {k: v[:n] if isinstance(v, np.ndarray) else v for k, v in out_all.items()}
+        es_out = None
+        if eps is not None:
+            es_out = ({k: v[n:] for k, v in out_all.items() if isinstance(v, np.ndarray)}, eps)
+        with timer("gradient_s", "phase_jacobian_s"):
             jac = self.jacobian(thetas, es_out)
-            timings["gradient_s"] += time.perf_counter() - t
-            timings["phase_jacobian_s"] = time.perf_counter() - t
-            norms = np.linalg.norm(jac, axis=2)  # before the emitter normalizes in place
-            metrics["grad_norm_fitness"] = float(norms[:, 0].mean())
-            metrics["grad_norm_measures"] = float(norms[:, 1:].mean())
-            obj, meas = self._finite_data(out)
-            sched.valid_mask = out["valid"]
-            sched.tell_dqd(obj, meas, jac, seed=out["seed"])
+        norms = np.linalg.norm(jac, axis=2)  # before the emitter normalizes in place
+        obj, meas = self._finite_data(out)
+        sched.valid_mask = out["valid"]
+        sched.tell_dqd(obj, meas, jac, seed=out["seed"])
+        return {"grad_norm_fitness": float(norms[:, 0].mean()),
+                "grad_norm_measures": float(norms[:, 1:].mean())}
 
-        if needs.es_steps:
-            t = time.perf_counter()
-            seen: list[np.ndarray] = []
+    def _es_generation(self, timer: PhaseTimer) -> dict:
+        """Steps 2-4 of emitters that run their own generation (ME-ES)."""
+        metrics: dict[str, Any] = {}
+        seen: list[np.ndarray] = []
 
-            def evaluate(genomes, **options):
-                out = self._evaluate(genomes, **options)
-                seen.append(out["fitness"][out["valid"]])
-                return out
+        def evaluate(genomes, **options):
+            out = self._evaluate(genomes, **options)
+            seen.append(out["fitness"][out["valid"]])
+            return out
 
-            for emitter in sched.emitters:
+        with timer("rollout_s", "phase_batch_s"):
+            for emitter in self.scheduler.emitters:
                 metrics.update(emitter.step(evaluate))
             fits = np.concatenate(seen) if seen else np.zeros(0)
             if len(fits):
                 metrics["mean_evaluation"] = float(fits.mean())
-            timings["rollout_s"] += time.perf_counter() - t
-            timings["phase_batch_s"] = time.perf_counter() - t
-        else:
-            self._batch(metrics, timings, training)
-
-        train_info: dict = {}
-        if training is not None:
-            t = time.perf_counter()
-            train_info = training.wait() or {}
-            self.counters["critic_updates"] += int(train_info.get("updates", 0))
-            timings["train_s"] += time.perf_counter() - t
-            if "train_s" in train_info:
-                timings["critic_train_s"] = float(train_info["train_s"])
-
-        self.counters["iteration"] += 1
-        if self.learner is not None and hasattr(self.learner, "after_iteration"):
-            t = time.perf_counter()
-            self.learner.after_iteration(self.counters["iteration"])  # restarts, snapshots
-            timings["phase_learner_checks_s"] = time.perf_counter() - t
-        if self.robustness_every and self.counters["iteration"] % self.robustness_every == 0:
-            t = time.perf_counter()
-            self._measure_robustness()
-            timings["phase_robustness_s"] = time.perf_counter() - t
-        metrics = {**self.metrics(), **metrics, **timings}
-        metrics["iteration_env_steps"] = self.counters["env_steps"] - steps0
-        metrics["iteration_evaluations"] = self.counters["evaluations"] - evals0
-        for key in ("critic_loss", "actor_loss"):
-            if key in train_info:
-                vals = np.asarray(train_info[key], np.float64)
-                metrics[key] = float(np.nanmean(vals)) if np.isfinite(vals).any() else float("nan")
-                metrics[f"{key}_per_objective"] = vals.tolist()
-        metrics["iteration_s"] = time.perf_counter() - t0
         return metrics
 
-    def _batch(self, metrics: dict, timings: dict, training) -> None:
+    def _batch(self, timer: PhaseTimer, training) -> dict:
         """Steps 3-4: ask, fill emitter requests, evaluate (critics train meanwhile), tell."""
-        sched, needs = self.scheduler, self.needs
+        sched, needs, metrics = self.scheduler, self.needs, {}
         sols = sched.ask()
-        t = time.perf_counter()
-        if needs.pg_variation:
-            sols = self._emitter_requests(sols)
-            sched.replace_batch(sols)  # the archive gets what was evaluated
-        batch = sols
-        if self.greedy:
-            batch = np.concatenate([np.asarray(self.learner.greedy_genome())[None], sols])
-        timings["gradient_s"] += time.perf_counter() - t
+        with timer("gradient_s"):
+            if needs.pg_variation:
+                sols = self._emitter_requests(sols)
+                sched.replace_batch(sols)  # the archive gets what was evaluated
+            batch = sols
+            if self.greedy:
+                batch = np.concatenate([np.asarray(self.learner.greedy_genome())[None], sols])
         if training is not None:
             training.start()
-        t = time.perf_counter()
-        out_b = self._evaluate(batch)
-        timings["rollout_s"] += time.perf_counter() - t
-        timings["phase_batch_s"] = time.perf_counter() - t
+        with timer("rollout_s", "phase_batch_s"):
+            out_b = self._evaluate(batch)
         g = 1 if self.greedy else 0
         if g:
             metrics.update(self._insert_greedy(batch[:1], out_b))
@@ -330,6 +299,41 @@ class Coordinator:
             for emitter in sched.emitters:
                 if len(getattr(emitter, "greedy_rows", ())):
                     metrics["greedy_fitness"] = float(out_b["fitness"][emitter.greedy_rows[0]])
+        return metrics
+
+    def _finish_training(self, training, timer: PhaseTimer) -> dict:
+        """End of step 4: wait for this iteration's critic updates."""
+        if training is None:
+            return {}
+        with timer("train_s"):
+            info = training.wait() or {}
+        self.counters["critic_updates"] += int(info.get("updates", 0))
+        if "train_s" in info:
+            timer.seconds["critic_train_s"] = float(info["train_s"])
+        return info
+
+    def _after_iteration(self, timer: PhaseTimer) -> None:
+        """Step 5: the learners' restart and snapshot checks; robustness when due."""
+        if self.learner is not None and hasattr(self.learner, "after_iteration"):
+            with timer("phase_learner_checks_s"):
+                self.learner.after_iteration(self.counters["iteration"])
+        if self.robustness_every and self.counters["iteration"] % self.robustness_every == 0:
+            with timer("phase_robustness_s"):
+                self._measure_robustness()
+
+    def _report(self, metrics: dict, timer: PhaseTimer, train_info: dict, steps0: int,
+                evals0: int) -> dict[str, Any]:
+        """Step 5: the iteration's metrics (names declared in :mod:`dqd_ray.metrics`)."""
+        out = {**self.metrics(), **metrics, **timer.seconds}
+        out["iteration_env_steps"] = self.counters["env_steps"] - steps0
+        out["iteration_evaluations"] = self.counters["evaluations"] - evals0
+        for key in ("critic_loss", "actor_loss"):
+            if key in train_info:
+                vals = np.asarray(train_info[key], np.float64)
+                out[key] = float(np.nanmean(vals)) if np.isfinite(vals).any() else float("nan")
+                out[f"{key}_per_objective"] = vals.tolist()
+        out["iteration_s"] = timer.elapsed()
+        return out
 
     def _insert_greedy(self, genome: np.ndarray, out: dict) -> dict:
         """Inserts the greedy actor (row 0 of ``out``) before the emitters' batch."""

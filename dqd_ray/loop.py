@@ -47,6 +47,7 @@ from typing import Any, Literal, Sequence
 import numpy as np
 
 from dqd_ray import checkpoint as ckpt
+from dqd_ray import metrics
 from dqd_ray.config import ConfigError, ExperimentConfig, build_config, to_yaml
 from dqd_ray.envs import env_metadata
 from dqd_ray.logging import JsonlSink, ProgressSink, WandbSink
@@ -65,34 +66,9 @@ RESUMABLE = ("iterations", "evaluations", "logging", "checkpoint")
 
 Backend = Literal["ray", "inprocess"]
 
-# Metrics every iteration of every run reports (the names a Tune metric may use).
-CORE_METRICS = frozenset({
-    "iteration", "evaluations", "env_steps", "qd_score", "qd_score_per_cell",
-    "norm_qd_score", "coverage", "num_elites", "best_fitness", "worst_fitness",
-    "mean_fitness", "mean_evaluation", "robustness", "robustness_evaluations", "restarts",
-    "invalid", "nonfinite_gradients", "greedy_inserted", "critic_updates",
-    "critic_updates_total", "iteration_evaluations", "iteration_env_steps", "iteration_s",
-    "rollout_s", "gradient_s", "train_s", "wall_s", "env_steps_per_s", "evaluations_per_s",
-    "critic_updates_per_s", "time_rollout_s", "time_gradient_s", "time_train_s",
-    "time_coordinator_s", "worker_idle_frac", "replay_size", "worker_restarts",
-    "replay_restarts", "phase_theta_es_s", "phase_jacobian_s", "phase_batch_s",
-    "phase_robustness_s",
-})
-
-
 def reported_metrics(cfg: ExperimentConfig) -> frozenset:
     """Every metric name a run of ``cfg`` reports each iteration."""
-    from dqd_ray.system import algorithm_needs
-
-    needs = algorithm_needs(cfg)
-    extra = set()
-    if needs.dqd:
-        extra |= {"grad_norm_fitness", "grad_norm_measures"}
-    if needs.critic_objectives:
-        extra |= {"td3_lr", "learner_restarts"}
-    if needs.greedy_insert:  # (PGA-ME's greedy row waits for trained critics)
-        extra.add("greedy_fitness")
-    return CORE_METRICS | extra
+    return metrics.reported_metrics(cfg.needs())
 
 
 def default_run_dir(cfg: ExperimentConfig) -> Path:

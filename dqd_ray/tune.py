@@ -7,6 +7,6 @@ from dqd_ray.sweeps.file import (  # noqa: F401
     Sweep, SweepFile, parse_param, reported)
 from dqd_ray.sweeps.launcher import (  # noqa: F401
     check_experiment_dir_private, dry_run_report, run_sweep, write_csv)
+from dqd_ray.runtime.resources import check_fits, describe_bundles, trial_bundles  # noqa: F401
 from dqd_ray.sweeps.trial import (  # noqa: F401
-    TuneReportSink, check_fits, describe_bundles, make_scheduler, make_trainable, run_trial,
-    sweep_runtime_env, trial_bundles, wandb_env)
+    TuneReportSink, make_scheduler, make_trainable, run_trial, sweep_runtime_env, wandb_env)

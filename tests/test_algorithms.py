@@ -13,7 +13,8 @@ import torch
 from dqd_ray import checkpoint as ckpt
 from dqd_ray import statecodec
 from dqd_ray.bench.sphere import DomainEvaluator
-from dqd_ray.config import MapElitesConfig, TD3Config, build_config
+from dqd_ray.algorithms.map_elites import MapElitesConfig
+from dqd_ray.config import TD3Config, build_config
 from dqd_ray.coordinator import Coordinator
 from dqd_ray.envs import LinearProjection, env_metadata
 from dqd_ray.learner import Learner

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from dqd_ray.bench.sphere import DomainEvaluator, make_coordinator, run_map_elites
-from dqd_ray.config import AlgorithmConfig, build_config
+from dqd_ray.algorithms.cma_mega import CMAMEGAConfig as AlgorithmConfig
+from dqd_ray.config import build_config
 from dqd_ray.coordinator import Coordinator
 from dqd_ray.envs import LinearProjection
 from dqd_ray.es_gradients import ESGradient

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from dqd_ray.algorithms.me_es import MEESEmitter, fold, novelty, unfold
-from dqd_ray.config import MEESConfig, build_config
+from dqd_ray.algorithms.me_es import MEESConfig
+from dqd_ray.config import build_config
 from dqd_ray.policy import PolicySpec
 from dqd_ray.rollout import RolloutWorker
 

@@ -5,8 +5,20 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 from ribs.archives import GridArchive
 from ribs.schedulers import Scheduler
+
+
+class AlgorithmSettings(BaseModel):
+    """Base of every algorithm's settings (``algorithm.*`` in a config): strict
+    (unknown keys fail), with a ``name`` literal that selects the algorithm."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    x0_from_policy_init: bool = Field(
+        True, description="Start from a Xavier-initialized policy (else zeros); paper: Xavier."
+    )
 
 
 @dataclasses.dataclass(frozen=True)

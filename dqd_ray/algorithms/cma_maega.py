@@ -3,10 +3,28 @@ Fontaine & Nikolaidis 2023); results are kept in a separate plain archive."""
 
 from __future__ import annotations
 
+from typing import Literal
+
+from pydantic import Field
+
 from dqd_ray.algorithms import cma_mega
 from dqd_ray.algorithms.base import BuildContext, MaskedScheduler
 
+
+class CMAMAEGAConfig(cma_mega.CMAMEGAConfig):
+    """CMA-MAEGA: CMA-MEGA with an archive learning rate (soft thresholds)."""
+
+    name: Literal["cma_maega"] = "cma_maega"
+    archive_learning_rate: float = Field(0.01, gt=0, le=1, description="Archive learning rate.")
+    threshold_min: float | None = Field(
+        None, description="Minimum cell threshold; default: the env's QD-score offset."
+    )
+
+
+Config = CMAMAEGAConfig
 needs = cma_mega.needs
+first_half_evaluations = cma_mega.first_half_evaluations
+evaluations_per_iteration = cma_mega.evaluations_per_iteration
 
 
 def build_scheduler(cfg, ctx: BuildContext) -> MaskedScheduler:
@@ -17,3 +35,7 @@ def build_scheduler(cfg, ctx: BuildContext) -> MaskedScheduler:
     result = ctx.archive(result_seed)
     return MaskedScheduler(archive, cma_mega.emitters(cfg, archive, ctx, emitter_seeds),
                            result_archive=result)
+
+
+STATE_CLASSES, STATE_ARRAYS = cma_mega.STATE_CLASSES, cma_mega.STATE_ARRAYS
+PRESETS = {"cma_maega_td3": {"algorithm": {"name": "cma_maega", "gradients": "td3"}}}

@@ -36,13 +36,15 @@ bookkeeping.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Literal
 
 import numpy as np
+from pydantic import Field
 from ribs.emitters import EmitterBase
 
-from dqd_ray.algorithms.base import BuildContext, MaskedScheduler, Needs
+from dqd_ray.algorithms.base import AlgorithmSettings, BuildContext, MaskedScheduler, Needs
 from dqd_ray.es_gradients import centered_ranks
+from dqd_ray.presets import PAPER, merge
 
 # ES runs' RunningStat: sums start at a tiny count with unit variance; std >= 0.1.
 _STAT_EPS = 1e-2
@@ -350,13 +352,54 @@ class MEESEmitter(EmitterBase):
         return int(rng.choice(n, p=probs))
 
 
+class MEESConfig(AlgorithmSettings):
+    """ME-ES, explore-exploit (Colas et al. 2020), with the official CMA-MEGA code's
+    "mees_damage" settings as defaults (see :mod:`dqd_ray.algorithms.me_es`)."""
+
+    name: Literal["me_es"] = "me_es"
+    num_pairs: int = Field(
+        100, gt=0, description="Mirrored perturbation pairs per iteration: 2x this many "
+        "evaluations (official: 100 workers x batch 1)."
+    )
+    noise_std: float = Field(0.02, gt=0, description="Std of the parameter perturbations.")
+    learning_rate: float = Field(0.01, gt=0, description="Adam learning rate of the ES step.")
+    l2_coeff: float = Field(0.005, ge=0, description="L2 coefficient added to the ES gradient.")
+    consecutive_steps: int = Field(
+        10, gt=0, description="ES steps from one starting cell before a new cell is drawn."
+    )
+    novelty_k: int = Field(10, gt=0, description="Nearest neighbours of the novelty score.")
+    mode: Literal["explore_exploit", "explore", "exploit"] = Field(
+        "explore_exploit", description="Alternate novelty and return runs (robin), or only one."
+    )
+    explore_strategy: Literal["novelty_bias", "best_or_uniform", "uniform"] = Field(
+        "novelty_bias", description="Starting cell of an explore run (official: novelty_bias)."
+    )
+    exploit_strategy: Literal["best2inlast5_or_best", "best_or_uniform", "uniform"] = Field(
+        "best2inlast5_or_best", description="Starting cell of an exploit run (official: "
+        "best2inlast5_or_best)."
+    )
+    action_noise: float = Field(
+        0.01, ge=0, description="Gaussian action noise while evaluating the perturbations "
+        "(none for the evaluation that is inserted)."
+    )
+    obs_norm: bool = Field(True, description="Normalize observations by running statistics.")
+    obs_collect_prob: float = Field(
+        0.001, ge=0, le=1, description="Probability that a negative-direction episode's "
+        "observations join the statistics (official: 0.001)."
+    )
+    eval_episodes: int = Field(1, gt=0, description="Episodes of the new theta (mean inserted).")
+
+
+Config = MEESConfig
+
+
 def needs(cfg, measure_dim: int) -> Needs:
     return Needs(es_steps=True)  # no gradients from critics, no learner
 
 
-def evaluations_per_iteration(cfg) -> int:
+def evaluations_per_iteration(cfg, needs: Needs) -> int:
     """Mirrored samples plus the new theta's episodes (plus x0 once, at the start)."""
-    return 2 * cfg.num_pairs + cfg.eval_episodes
+    return 2 * cfg.algorithm.num_pairs + cfg.algorithm.eval_episodes
 
 
 def build_scheduler(cfg, ctx: BuildContext) -> MaskedScheduler:
@@ -369,3 +412,18 @@ def build_scheduler(cfg, ctx: BuildContext) -> MaskedScheduler:
     emitter = MEESEmitter(archive, ctx.x0, obs_dim=obs_dim, hidden=hidden, cfg=cfg,
                           seed=emitter_seed)
     return MaskedScheduler(archive, [emitter])
+
+
+STATE_CLASSES = (MEESEmitter,)
+# The official count, 5000 x 100 x 2 = 1M, leaves out the new theta's episode
+# of each iteration; ours counts it, so the 1M budget ends at iteration 4975.
+PRESETS = {"me_es": merge(PAPER, {
+    "iterations": 5000,
+    "algorithm": {"name": "me_es", "num_pairs": 100, "noise_std": 0.02,
+                  "learning_rate": 0.01, "l2_coeff": 0.005, "consecutive_steps": 10,
+                  "novelty_k": 10, "mode": "explore_exploit",
+                  "explore_strategy": "novelty_bias",
+                  "exploit_strategy": "best2inlast5_or_best", "action_noise": 0.01,
+                  "obs_norm": True, "obs_collect_prob": 0.001, "eval_episodes": 1},
+})}
+PAPER_PRESETS = ("me_es",)

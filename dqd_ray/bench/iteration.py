@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dqd_ray import algorithms
 from dqd_ray.bench.common import machine_info, print_table, write_json
 
 PUBLISHED = {"hours": 16.3, "cpus": 100, "gpu": "P100",
@@ -140,10 +141,8 @@ def run(preset: str = "cma_mega_td3_es", env_id: str = "QDAntBulletEnv-v0",
     mean_ep = steps / max(evals, 1)
     rob_steps = rob_per_it * mean_ep  # robustness episodes count no env steps: estimated
     sps_core = (steps + rob_steps) / max(rollout_s, 1e-9) / max(n_workers, 1)
-    a = cfg.algorithm
     per_it = evaluations_per_iteration(cfg)
-    es_n = cfg.es.num_samples if getattr(a, "gradients", "es") != "td3" else 0
-    h1 = (1 + es_n) if cfg.algorithm.name in ("cma_mega", "cma_maega") else 0
+    h1 = algorithms.get(cfg.algorithm.name).first_half_evaluations(cfg, cfg.needs())
     h2 = per_it - h1
     total_evals = cfg.evaluations or cfg.iterations * per_it
     n_it = math.ceil(total_evals / per_it)

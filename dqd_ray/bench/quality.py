@@ -59,8 +59,7 @@ def curves_of(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def run(env_ids: tuple[str, ...] = ("QDAntBulletEnv-v0",),
-        presets: tuple[str, ...] = ("cma_mega_es", "cma_mega_td3_es", "pga_me", "me_es",
-                                    "map_elites"),
+        presets: tuple[str, ...] | None = None,
         evaluations: int = 20000, seeds: tuple[int, ...] = (0, 1), sets: list[str] | None = None,
         out: str | None = None, json_path: str | None = None, robustness_episodes: int = 10,
         num_cpus: int | None = None) -> dict[str, Any]:
@@ -70,8 +69,9 @@ def run(env_ids: tuple[str, ...] = ("QDAntBulletEnv-v0",),
     from dqd_ray.results import load_run, robustness
     from dqd_ray.system import EvaluationPool, evaluations_per_iteration
 
-    from dqd_ray.config import ConfigError
+    from dqd_ray.config import PAPER_PRESETS, ConfigError
 
+    presets = tuple(presets or PAPER_PRESETS)
     if evaluations < 1:
         raise ConfigError(f"--evaluations must be >= 1, got {evaluations}")
     sets = list(sets or [])

@@ -17,7 +17,8 @@ import time
 import numpy as np
 
 from dqd_ray.bench.common import machine_info, print_table, write_json
-from dqd_ray.config import CMAMEGAConfig, MapElitesConfig
+from dqd_ray.algorithms.cma_mega import CMAMEGAConfig
+from dqd_ray.algorithms.map_elites import MapElitesConfig
 from dqd_ray.coordinator import Coordinator
 from dqd_ray.envs import LinearProjection
 

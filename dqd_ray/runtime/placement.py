@@ -19,6 +19,34 @@ class InProcess:
     """Roles as plain objects; calls run at once, in this process."""
 
     name = "inprocess"
+    restarts = False  # nothing restarts a role that fails
+
+    def resolve(self, cfg) -> tuple[int, float]:
+        """(rollout workers, GPUs per learner); warns about the settings that
+        have no effect in process."""
+        from dqd_ray.runtime.resources import (_warn, _warn_ray_only_fields,
+                                               resolve_in_process)
+
+        n_workers, gpus = resolve_in_process(cfg)
+        if n_workers > 1:
+            _warn(f"resources.num_rollout_workers={n_workers}: in process the workers "
+                  "evaluate one after another (same numbers as on Ray, no parallelism)")
+        _warn_ray_only_fields(cfg.resources)
+        return n_workers, gpus
+
+    def free_cpus(self) -> float | None:
+        return None
+
+    def restartable(self, options: dict, name: str | None = None) -> dict:
+        return dict(options)
+
+    def named(self, handle, name: str):
+        return handle
+
+    def wait_all(self, futures: list, timeout_s: float) -> int:
+        """Waits for ``futures`` up to ``timeout_s``; returns how many did not finish."""
+        self.get(futures)
+        return 0
 
     def make(self, cls, options: dict, *args, **kw):
         return cls(*args, **kw)
@@ -64,6 +92,7 @@ class OnRay:
     """
 
     name = "ray"
+    restarts = True  # Ray restarts an actor whose node died (``restartable`` options)
 
     def __init__(self, call_timeout_s: float = 600.0, restart_timeout_s: float = 600.0):
         self.call_timeout_s, self.restart_timeout_s = call_timeout_s, restart_timeout_s
@@ -74,6 +103,35 @@ class OnRay:
     def __getstate__(self):
         # Pickled into the coordinator: roles travel, pending calls do not.
         return {**self.__dict__, "_calls": {}, "_names": dict(self._names)}
+
+    def resolve(self, cfg) -> tuple[int, float]:
+        """(rollout workers, GPUs per learner), fitted to the cluster or trial."""
+        from dqd_ray.runtime.resources import resolve_on_ray
+
+        return resolve_on_ray(cfg)
+
+    def free_cpus(self) -> float | None:
+        import ray
+
+        return ray.available_resources().get("CPU", 1.0)
+
+    def restartable(self, options: dict, name: str | None = None) -> dict:
+        """``options`` for an actor Ray restarts (and retries the calls of) after
+        its node dies; ``name``: found by that name from other actors."""
+        out = {**options, "max_restarts": -1, "max_task_retries": -1}
+        if name is not None:
+            out["name"] = name
+        return out
+
+    def wait_all(self, futures: list, timeout_s: float) -> int:
+        """Waits for ``futures`` up to ``timeout_s`` (raising a failed call's
+        error); returns how many did not finish."""
+        import ray
+
+        done, pending = ray.wait(futures, num_returns=len(futures), timeout=timeout_s)
+        ray.get(done)
+        self._forget(futures)
+        return len(pending)
 
     def make(self, cls, options: dict, *args, **kw):
         import ray

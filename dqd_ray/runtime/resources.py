@@ -9,7 +9,7 @@ import time
 import numpy as np
 
 from dqd_ray import algorithms
-from dqd_ray.config import ExperimentConfig
+from dqd_ray.config import ConfigError, ExperimentConfig
 from dqd_ray.envs import env_metadata
 from dqd_ray.policy import PolicySpec
 
@@ -33,22 +33,13 @@ class Seeds:
 
 
 def algorithm_needs(cfg: ExperimentConfig) -> algorithms.Needs:
-    k = env_metadata(cfg.env.id).measure_dim
-    return algorithms.get(cfg.algorithm.name).needs(cfg.algorithm, k)
+    return cfg.needs()
 
 
 def evaluations_per_iteration(cfg: ExperimentConfig) -> int:
     """Evaluations one iteration counts, from the config alone (robustness
     re-evaluations are not counted)."""
-    a, needs = cfg.algorithm, algorithm_needs(cfg)
-    if needs.dqd:
-        es = cfg.es.num_samples if needs.es_rows else 0
-        return a.num_emitters * (1 + es + a.batch_size) + int(needs.greedy_insert)
-    if a.name == "pga_me":
-        return a.iso_batch_size + a.pg_batch_size
-    if a.name == "me_es":
-        return algorithms.me_es.evaluations_per_iteration(a)
-    return a.batch_size
+    return algorithms.get(cfg.algorithm.name).evaluations_per_iteration(cfg, cfg.needs())
 
 
 def learner_objectives(cfg: ExperimentConfig) -> list[int]:
@@ -102,13 +93,7 @@ def _placement_group_resources() -> dict | None:
     from ray.util import get_current_placement_group
 
     pg = get_current_placement_group()
-    if pg is None:
-        return None
-    total: dict[str, float] = {}
-    for bundle in pg.bundle_specs:
-        for k, v in bundle.items():
-            total[k] = total.get(k, 0.0) + float(v)
-    return total
+    return None if pg is None else sum_bundles(pg.bundle_specs)
 
 
 def _started_here() -> bool:
@@ -150,11 +135,21 @@ def graph_bundles(cfg: ExperimentConfig, n_workers: int, gpus: float) -> list[di
 
 def graph_needs(cfg: ExperimentConfig, n_workers: int, gpus: float) -> dict[str, float]:
     """The Ray resources the whole graph asks for (the sum over its actors)."""
-    need = {"CPU": 0.0}
-    for bundle in graph_bundles(cfg, n_workers, gpus):
-        for k, v in bundle.items():
-            need[k] = need.get(k, 0.0) + v
-    return need
+    return {"CPU": 0.0, **sum_bundles(graph_bundles(cfg, n_workers, gpus))}
+
+
+def sum_bundles(bundles) -> dict[str, float]:
+    """The resources of several bundles together."""
+    out: dict[str, float] = {}
+    for b in bundles:
+        for k, v in b.items():
+            out[k] = out.get(k, 0.0) + float(v)
+    return out
+
+
+def fits(bundle: dict, node: dict) -> bool:
+    """Whether one node's resources can hold ``bundle``."""
+    return all(v <= node.get(k, 0.0) + 1e-9 for k, v in bundle.items())
 
 
 def _missing(need: dict, have: dict) -> dict[str, tuple[float, float]]:
@@ -171,53 +166,70 @@ def _describe(missing: dict, where: str, n: int, cfg: ExperimentConfig) -> str:
             "machine that does not offer them, or add nodes")
 
 
-def resolve_resources(cfg: ExperimentConfig, placement: str = "ray") -> tuple[int, float]:
-    """(rollout workers, GPUs per learner) for this placement.
-
-    On Ray: sized from the placement group this process runs in (a Tune
-    trial: its bundles are all the graph may use), else from the connected
-    cluster's resources. A graph that cannot fit is an error at once when this
-    process started Ray itself (or in a placement group); on a cluster joined
-    by address the autoscaler gets ``resources.wait_for_resources_s`` to add
-    nodes, with a message every 30 s. In process: one worker unless set,
-    GPUs if torch sees one.
+def resolve_resources(cfg: ExperimentConfig, placement="ray") -> tuple[int, float]:
+    """(rollout workers, GPUs per learner) on ``placement`` (a placement or its
+    name): see :func:`resolve_in_process` and :func:`resolve_on_ray`.
 
     Raises:
         GPUUnavailableError: GPUs requested strictly but there are none.
         ResourceError: The graph cannot fit, naming what is missing.
     """
+    from dqd_ray.runtime.placement import make_placement
+
+    if isinstance(placement, str):
+        placement = make_placement(placement, cfg.resources)
+    return placement.resolve(cfg)
+
+
+def _num_learners(cfg: ExperimentConfig) -> int:
+    objs = learner_objectives(cfg)
+    return len(split_objectives(objs, cfg.resources.num_learners)) if objs else 0
+
+
+def _learner_gpus(cfg: ExperimentConfig, have_gpus: float, where: str, wait: bool) -> float:
+    """GPUs per learner: the configured number, or 0 (CPU learners, with a
+    warning) when ``where`` has too few, unless ``resources.strict_gpu``. A
+    cluster that may still bring GPU nodes (``wait``) is waited for instead."""
     r = cfg.resources
-    gpus = r.num_gpus_per_learner
-    n_learners = len(split_objectives(learner_objectives(cfg), r.num_learners)) \
-        if learner_objectives(cfg) else 0
-    pg = None
-    if placement == "ray":
-        import ray
-
-        pg = _placement_group_resources()
-        res = pg if pg is not None else ray.cluster_resources()
-        have_gpus = res.get("GPU", 0)
-        where = "the trial's placement group" if pg is not None else "the cluster"
-    else:
-        import torch
-
-        res = {}
-        have_gpus = torch.cuda.device_count()
-        where = "this process"
-    # On a cluster joined by address the autoscaler may still bring GPU nodes:
-    # missing GPUs are waited for below like any other resource.
-    joined = placement == "ray" and pg is None and not _started_here()
-    if gpus > 0 and n_learners and have_gpus < gpus * n_learners and not joined:
+    gpus, n_learners = r.num_gpus_per_learner, _num_learners(cfg)
+    if gpus > 0 and n_learners and have_gpus < gpus * n_learners and not wait:
         msg = (f"resources.num_gpus_per_learner={gpus} x {n_learners} learners "
                f"but {where} has {have_gpus} GPUs")
         if r.strict_gpu:
             raise GPUUnavailableError(msg + " (resources.strict_gpu=true)")
         _warn(f"{msg}; using CPU learners instead")
         gpus = 0.0
-    learner_cpus = 0.0 if gpus > 0 else n_learners * r.cpus_per_learner
+    return gpus
+
+
+def resolve_in_process(cfg: ExperimentConfig) -> tuple[int, float]:
+    """In process: one worker unless set, GPUs if torch sees one."""
+    import torch
+
+    gpus = _learner_gpus(cfg, torch.cuda.device_count(), "this process", wait=False)
+    n = cfg.resources.num_rollout_workers
+    return (1 if n is None else n), gpus
+
+
+def resolve_on_ray(cfg: ExperimentConfig) -> tuple[int, float]:
+    """On Ray: sized from the placement group this process runs in (a Tune
+    trial: its bundles are all the graph may use), else from the connected
+    cluster's resources. A graph that cannot fit is an error at once when this
+    process started Ray itself (or in a placement group); on a cluster joined
+    by address the autoscaler gets ``resources.wait_for_resources_s`` to add
+    nodes, with a message every 30 s."""
+    import ray
+
+    r = cfg.resources
+    pg = _placement_group_resources()
+    res = pg if pg is not None else ray.cluster_resources()
+    where = "the trial's placement group" if pg is not None else "the cluster"
+    # On a cluster joined by address the autoscaler may still bring GPU nodes:
+    # missing GPUs are waited for below like any other resource.
+    joined = pg is None and not _started_here()
+    gpus = _learner_gpus(cfg, res.get("GPU", 0), where, wait=joined)
+    learner_cpus = 0.0 if gpus > 0 else _num_learners(cfg) * r.cpus_per_learner
     n = r.num_rollout_workers
-    if placement != "ray":
-        return (1 if n is None else n), gpus
     if n is None:
         n = max(1, int((res.get("CPU", 1) - learner_cpus) / r.cpus_per_worker + 1e-9))
     need = graph_needs(cfg, n, gpus)
@@ -235,8 +247,6 @@ def resolve_resources(cfg: ExperimentConfig, placement: str = "ray") -> tuple[in
         if missing:
             raise ResourceError(_describe(missing, "this machine's Ray", n, cfg))
         raise ResourceError(_describe_homeless(homeless, "this machine's Ray"))
-    import ray
-
     _request_from_autoscaler(bundles)
     t0 = time.monotonic()
     last_msg = -1e9
@@ -268,9 +278,6 @@ def _node_resources() -> list[dict]:
 
 def _homeless(bundles: list[dict], nodes: list[dict]) -> list[dict]:
     """The bundles that no single node can hold (deduplicated, in order)."""
-    def fits(b, nd):
-        return all(v <= nd.get(k, 0.0) + 1e-9 for k, v in b.items())
-
     out: list[dict] = []
     for b in bundles:
         if b not in out and not any(fits(b, nd) for nd in nodes):
@@ -301,3 +308,44 @@ def _request_from_autoscaler(bundles: list[dict]) -> None:
         log.warning("could not ask the autoscaler for %d bundles: %s", len(bundles), e)
 
 
+# -- a Tune trial's bundles ----------------------------------------------------------
+
+
+def trial_bundles(cfg: ExperimentConfig, driver_cpus: float = 1.0) -> list[dict[str, float]]:
+    """One trial's placement-group bundles: its driver (and the replay buffer's
+    custom resource, if any), then one per rollout worker, then one per
+    learner (GPUs in the learner bundles). Each actor of the trial asks for
+    exactly one bundle's resources."""
+    r = cfg.resources
+    head = {"CPU": float(driver_cpus)} if driver_cpus else {}
+    if r.replay_resource:  # the replay buffer lives in the trial's own bundle
+        head[r.replay_resource] = 1.0
+    workers, learners = actor_bundles(cfg, r.num_rollout_workers or 1, r.num_gpus_per_learner)
+    return [head, *workers, *learners]
+
+
+def describe_bundles(bundles: list[dict], cfg: ExperimentConfig) -> str:
+    n_workers = cfg.resources.num_rollout_workers or 1
+    head, workers, learners = bundles[0], bundles[1:1 + n_workers], bundles[1 + n_workers:]
+
+    def fmt(b):
+        return "{" + ", ".join(f"{k}: {v:g}" for k, v in b.items()) + "}"
+
+    parts = [f"driver {fmt(head) if head else '{} (no resources)'}",
+             f"{len(workers)} x rollout {fmt(workers[0])}"]
+    if learners:
+        parts.append(f"{len(learners)} x learner {fmt(learners[0])}")
+    return ", ".join(parts) + f"  = {fmt(sum_bundles(bundles))}"
+
+
+def check_fits(bundles: list[dict], cluster: dict[str, float], nodes: list[dict],
+               where: str) -> None:
+    """Raises ConfigError when one trial's bundles cannot be placed."""
+    for k, (v, have) in _missing(sum_bundles(bundles), cluster).items():
+        raise ConfigError(
+            f"one trial needs {v:g} {k} but {where} has {have:g}: lower "
+            "resources.num_rollout_workers / resources.cpus_per_worker / "
+            "trial.driver_cpus (or num_gpus_per_learner), or add nodes")
+    for b in bundles:
+        if b and not any(fits(b, node) for node in nodes):
+            raise ConfigError(f"no node of {where} can hold the bundle {b}")

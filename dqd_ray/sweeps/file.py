@@ -405,7 +405,7 @@ class Sweep:
         return {p.path: p.to_tune() for p in self.params}
 
     def bundles(self, cfg: ExperimentConfig) -> list[dict[str, float]]:
-        from dqd_ray.sweeps.trial import trial_bundles
+        from dqd_ray.runtime.resources import trial_bundles
 
         return trial_bundles(cfg, self.spec.trial.driver_cpus)
 

@@ -15,10 +15,9 @@ from dqd_ray.config import (
     ConfigError,
     ExperimentConfig,
 )
+from dqd_ray.runtime.resources import check_fits, describe_bundles
 from dqd_ray.sweeps.file import PBTScheduler, Sweep
 from dqd_ray.sweeps.trial import (
-    check_fits,
-    describe_bundles,
     make_scheduler,
     make_trainable,
     sweep_runtime_env,

@@ -1,4 +1,4 @@
-"""One trial: its resource bundles, the trainable (one whole run) and the
+"""One trial: the trainable (one whole run) and the
 sink that reports to Tune."""
 
 from __future__ import annotations
@@ -13,59 +13,6 @@ from dqd_ray.config import (
     ExperimentConfig,
 )
 from dqd_ray.sweeps.file import ASHAScheduler, PBTScheduler, Sweep
-
-# -- resources -----------------------------------------------------------------------
-
-
-def trial_bundles(cfg: ExperimentConfig, driver_cpus: float = 1.0) -> list[dict[str, float]]:
-    """One trial's placement-group bundles: its driver (and the replay buffer's
-    custom resource, if any), then one per rollout worker, then one per
-    learner (GPUs in the learner bundles). Each actor of the trial asks for
-    exactly one bundle's resources."""
-    from dqd_ray.system import actor_bundles
-
-    r = cfg.resources
-    head = {"CPU": float(driver_cpus)} if driver_cpus else {}
-    if r.replay_resource:  # the replay buffer lives in the trial's own bundle
-        head[r.replay_resource] = 1.0
-    workers, learners = actor_bundles(cfg, r.num_rollout_workers or 1, r.num_gpus_per_learner)
-    return [head, *workers, *learners]
-
-
-def _total(bundles: list[dict]) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for b in bundles:
-        for k, v in b.items():
-            out[k] = out.get(k, 0.0) + v
-    return out
-
-
-def describe_bundles(bundles: list[dict], cfg: ExperimentConfig) -> str:
-    n_workers = cfg.resources.num_rollout_workers or 1
-    head, workers, learners = bundles[0], bundles[1:1 + n_workers], bundles[1 + n_workers:]
-    fmt = lambda b: "{" + ", ".join(f"{k}: {v:g}" for k, v in b.items()) + "}"
-    parts = [f"driver {fmt(head) if head else '{} (no resources)'}",
-             f"{len(workers)} x rollout {fmt(workers[0])}"]
-    if learners:
-        parts.append(f"{len(learners)} x learner {fmt(learners[0])}")
-    return ", ".join(parts) + f"  = {fmt(_total(bundles))}"
-
-
-def check_fits(bundles: list[dict], cluster: dict[str, float], nodes: list[dict],
-               where: str) -> None:
-    """Raises ConfigError when one trial's bundles cannot be placed."""
-    need = _total(bundles)
-    for k, v in need.items():
-        if v > cluster.get(k, 0.0) + 1e-9:
-            raise ConfigError(
-                f"one trial needs {v:g} {k} but {where} has {cluster.get(k, 0.0):g}: lower "
-                "resources.num_rollout_workers / resources.cpus_per_worker / "
-                "trial.driver_cpus (or num_gpus_per_learner), or add nodes")
-    for b in bundles:
-        if b and not any(all(node.get(k, 0.0) + 1e-9 >= v for k, v in b.items())
-                         for node in nodes):
-            raise ConfigError(f"no node of {where} can hold the bundle {b}")
-
 
 # -- the trainable -------------------------------------------------------------------
 
