@@ -110,7 +110,7 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
-    from dqd_ray.tune import run_sweep
+    from dqd_ray.sweeps import run_sweep
 
     summary = run_sweep(args.file, args.set, address=args.address, num_cpus=args.num_cpus,
                         resume=args.resume, dry_run=args.dry_run)
@@ -118,14 +118,14 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
-    from dqd_ray import show
+    from dqd_ray.analysis import show
 
     show.run(args.run_dirs, out=args.out)
     return 0
 
 
 def _cmd_render(args: argparse.Namespace) -> int:
-    from dqd_ray.results import render_elite
+    from dqd_ray.analysis.results import render_elite
 
     _at_least("--frame-every", args.frame_every, 1,
               "pass the env steps per GIF frame (1: every step)")
@@ -161,7 +161,7 @@ def _cmd_render(args: argparse.Namespace) -> int:
 
 
 def _cmd_robustness(args: argparse.Namespace) -> int:
-    from dqd_ray import show
+    from dqd_ray.analysis import show
 
     _at_least("--episodes", args.episodes, 1,
               "pass the new-seed episodes per elite (the paper uses 10)")
@@ -443,10 +443,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dqd_ray.checkpoint import CheckpointError
+    from dqd_ray.state.checkpoint import CheckpointError
     from dqd_ray.config import ConfigError
     from dqd_ray.loop import RunFailed
-    from dqd_ray.system import GPUUnavailableError, ResourceError
+    from dqd_ray.runtime import GPUUnavailableError, ResourceError
 
     args = build_parser().parse_args(argv)
     try:

@@ -1,6 +1,6 @@
 """Metric sinks: progress bar, metrics.jsonl, wandb (offline without a key).
 
-The run directory's durable files and lock live in :mod:`dqd_ray.rundir`
+The run directory's durable files and lock live in :mod:`dqd_ray.state.rundir`
 (re-exported here for older imports).
 """
 
@@ -14,7 +14,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from dqd_ray.rundir import (  # noqa: F401 - re-exported
+from dqd_ray.state.rundir import (  # noqa: F401 - re-exported
     MetricsFileError, RunDirInUse, RunLock, append_durably, atomic_write_text, fsync_dir,
     parse_jsonl, read_jsonl, torn_warning)
 
@@ -141,7 +141,7 @@ class WandbSink(Sink):
         data = scalars(metrics)
         it = int(metrics["iteration"])
         if archive is not None and self.wants_archive(it):
-            from dqd_ray.viz import heatmap
+            from dqd_ray.analysis.viz import heatmap
 
             fig = heatmap(archive, self.dims, names=self.names, ranges=self.ranges,
                           title=f"iteration {it}")

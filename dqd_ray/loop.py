@@ -2,7 +2,7 @@
 
 Shared by ``dqd-ray run``/``resume`` (the CLI only parses arguments) and the
 Tune trainable. Validates the config before Ray starts, builds the system
-with :func:`dqd_ray.system.build` (Ray actors, or everything in process with
+with :func:`dqd_ray.runtime.build` (Ray actors, or everything in process with
 ``backend="inprocess"``), loops over
 iterations until the budget, writes metrics (progress bar, metrics.jsonl,
 wandb) and checkpoints, and shuts down cleanly.
@@ -46,12 +46,12 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 
-from dqd_ray import checkpoint as ckpt
+from dqd_ray.state import checkpoint as ckpt
 from dqd_ray import metrics
 from dqd_ray.config import ConfigError, ExperimentConfig, build_config, to_yaml
 from dqd_ray.envs import env_metadata
 from dqd_ray.logging import JsonlSink, ProgressSink, WandbSink
-from dqd_ray.rundir import (  # RunDirInUse: what a second `run`/`resume` raises
+from dqd_ray.state.rundir import (  # RunDirInUse: what a second `run`/`resume` raises
     RunDirInUse,  # noqa: F401
     RunLock,
     append_durably,
@@ -162,7 +162,7 @@ class GracefulStop:
 
 def make_system(cfg: ExperimentConfig, backend: Backend, torch_threads: int | None = None,
                 run_dir: Path | None = None):
-    from dqd_ray.system import build
+    from dqd_ray.runtime import build
 
     return build(cfg, backend, torch_threads=torch_threads, run_dir=run_dir)
 
@@ -272,7 +272,7 @@ class Experiment:
         may be temporary). Settings that changed are printed and appended to
         ``run_dir/restores.jsonl``; a change the saved state cannot take (a
         network size, a replay capacity) fails when the state is loaded, as a
-        :class:`~dqd_ray.checkpoint.CheckpointError`.
+        :class:`~dqd_ray.state.checkpoint.CheckpointError`.
         """
         path, run_dir = Path(checkpoint), Path(run_dir)
         manifest = ckpt.verify(path)
@@ -447,7 +447,7 @@ class Experiment:
         return summary
 
     def _failure_message(self, err: BaseException, saved_at: int) -> str:
-        from dqd_ray.waits import CallTimeoutError
+        from dqd_ray.runtime.waits import CallTimeoutError
 
         cause = _cause(err)
         what = str(cause).strip().splitlines()
@@ -517,8 +517,8 @@ class Experiment:
         (``best_elite.gif``, replayed with its archived seed)."""
         import matplotlib.pyplot as plt
 
-        from dqd_ray.results import render_episode, write_gif
-        from dqd_ray.viz import heatmap
+        from dqd_ray.analysis.results import render_episode, write_gif
+        from dqd_ray.analysis.viz import heatmap
 
         cfg, media = self.cfg, {}
         fig = heatmap(archive, cfg.env.resolved_dims(), path=self.run_dir / "archive.png",
@@ -543,6 +543,6 @@ class Experiment:
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
     """A run's metric lines; a torn last line is dropped with a warning (see
-    :func:`dqd_ray.rundir.read_jsonl`)."""
+    :func:`dqd_ray.state.rundir.read_jsonl`)."""
     return read_jsonl(Path(run_dir) / "metrics.jsonl")
 

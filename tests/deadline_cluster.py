@@ -36,7 +36,7 @@ def _outcome(fn) -> dict:
 
 def oversized() -> dict:
     """Two 1-CPU nodes hold 2 CPUs in total, but a 2-CPU worker on neither."""
-    from dqd_ray.system import resolve_resources
+    from dqd_ray.runtime import resolve_resources
 
     cfg = build_config("map_elites", sets=[*SMALL, "resources.cpus_per_worker=2",
                                            "resources.wait_for_resources_s=2"])
@@ -47,8 +47,8 @@ def restart(cluster: Cluster) -> dict:
     """The worker's node (the only one with the ``rollout`` resource) is removed:
     the worker cannot be restarted anywhere, and its evaluation stops after
     ``wait_for_resources_s``."""
-    from dqd_ray.policy import PolicySpec
-    from dqd_ray.system import System
+    from dqd_ray.roles.policy import PolicySpec
+    from dqd_ray.runtime import System
 
     node = cluster.add_node(num_cpus=1, resources={"rollout": 1})
     cluster.wait_for_nodes()

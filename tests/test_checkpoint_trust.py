@@ -7,7 +7,7 @@ as a loader that trusts them would), so that only the loader's own checks can
 stop it. Each must be refused with a :class:`CheckpointError` naming the file
 and the problem, in well under a second. Where the refusal concerns the
 coordinator's state, the state is also given to a freshly built coordinator
-(``Coordinator.load_state_dict``, through :mod:`dqd_ray.statecodec`), which
+(``Coordinator.load_state_dict``, through :mod:`dqd_ray.state.statecodec`), which
 must refuse it without changing anything; the untouched state loads there,
 so no check here is vacuous.
 """
@@ -27,11 +27,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dqd_ray import checkpoint as ckpt
-from dqd_ray import statecodec
+from dqd_ray.state import checkpoint as ckpt
+from dqd_ray.state import statecodec
 from dqd_ray.config import build_config
 from dqd_ray.loop import Experiment
-from dqd_ray.system import System
+from dqd_ray.runtime import System
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

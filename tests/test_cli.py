@@ -59,8 +59,8 @@ def _refuse_work(monkeypatch):
     checkpoint is touched."""
     import dqd_ray.envs
     import dqd_ray.loop
-    import dqd_ray.results
-    import dqd_ray.show
+    import dqd_ray.analysis.results
+    import dqd_ray.analysis.show
 
     def started(name):
         def fail(*args, **kwargs):
@@ -69,8 +69,8 @@ def _refuse_work(monkeypatch):
 
     for module, name in [(dqd_ray.envs, "make_env"), (dqd_ray.loop, "init_ray"),
                          (dqd_ray.loop.Experiment, "create"), (dqd_ray.loop.Experiment, "resume"),
-                         (dqd_ray.results, "render_elite"), (dqd_ray.results, "load_run"),
-                         (dqd_ray.show, "robustness_command")]:
+                         (dqd_ray.analysis.results, "render_elite"), (dqd_ray.analysis.results, "load_run"),
+                         (dqd_ray.analysis.show, "robustness_command")]:
         monkeypatch.setattr(module, name, started(name))
 
 

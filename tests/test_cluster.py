@@ -235,7 +235,7 @@ def test_dockerfiles_pass_hadolint(name):
 
 @pytest.mark.slow
 def test_a_graph_that_cannot_fit_a_ray_started_here_is_an_error_at_once(ray_session):
-    from dqd_ray.system import ResourceError, resolve_resources
+    from dqd_ray.runtime import ResourceError, resolve_resources
 
     cfg = build_config("cma_mega_td3", sets=["resources.num_rollout_workers=9"])
     with pytest.raises(ResourceError, match=r"CPU 10 \(has 4\).*lower resources"):
@@ -250,7 +250,7 @@ def test_a_graph_that_cannot_fit_a_ray_started_here_is_an_error_at_once(ray_sess
 def test_pinned_to_the_head_the_graph_runs(ray_session):
     import ray._private.state as ray_state
 
-    from dqd_ray.system import System
+    from dqd_ray.runtime import System
 
     cfg = build_config("map_elites", sets=["resources.num_rollout_workers=1",
                                            "resources.pin_to_head=true",

@@ -9,7 +9,7 @@ from dqd_ray.config import PRESETS, ConfigError, ExperimentConfig, build_config,
 
 from dqd_ray.config import PAPER_PRESETS
 from dqd_ray.envs import ENV_IDS
-from dqd_ray.system import algorithm_needs
+from dqd_ray.runtime import algorithm_needs
 
 PRESET_EXPECTATIONS = {
     "cma_mega_td3": ("cma_mega", "td3", True, False),
@@ -362,7 +362,7 @@ def _built_scheduler(cfg):
 
     from dqd_ray import algorithms
     from dqd_ray.algorithms import BuildContext
-    from dqd_ray.policy import PolicySpec
+    from dqd_ray.roles.policy import PolicySpec
 
     spec = PolicySpec.from_config(cfg.env.id, cfg.policy)
     x0 = spec.init_genome(np.random.default_rng(0))

@@ -12,12 +12,12 @@ import pytest
 from dqd_ray.bench.sphere import DomainEvaluator, make_coordinator, run_map_elites
 from dqd_ray.algorithms.cma_mega import CMAMEGAConfig as AlgorithmConfig
 from dqd_ray.config import build_config
-from dqd_ray.coordinator import Coordinator
+from dqd_ray.roles.coordinator import Coordinator
 from dqd_ray.envs import LinearProjection
-from dqd_ray.es_gradients import ESGradient
-from dqd_ray.system import System
-from dqd_ray.policy import PolicySpec
-from dqd_ray.rollout import RolloutWorker
+from dqd_ray.roles.es_gradients import ESGradient
+from dqd_ray.runtime import System
+from dqd_ray.roles.policy import PolicySpec
+from dqd_ray.roles.rollout import RolloutWorker
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -578,7 +578,7 @@ def test_truncated_episodes_never_terminate():
 
 
 def test_sink_receives_chunks():
-    from dqd_ray.replay import ReplayBuffer
+    from dqd_ray.roles.replay import ReplayBuffer
 
     spec = PolicySpec(15, 3, [8])
     buf = ReplayBuffer(15, 3, 2, capacity=10_000, seed=0)
@@ -594,7 +594,7 @@ def test_sink_receives_chunks():
 
 
 def test_keyed_transitions_do_not_depend_on_lockstep_scheduling():
-    from dqd_ray.replay import ReplayBuffer
+    from dqd_ray.roles.replay import ReplayBuffer
 
     spec = PolicySpec(15, 3, [16, 16])
     genomes = hopper_genomes(spec)

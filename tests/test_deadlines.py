@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from dqd_ray import checkpoint as ckpt
+from dqd_ray.state import checkpoint as ckpt
 from dqd_ray.config import ConfigError, build_config
 from dqd_ray.loop import Experiment, read_metrics
 
@@ -70,7 +70,7 @@ class _StopAfter:
 def test_a_wedged_role_stops_the_run_in_time_naming_role_call_and_node(
         ray_session, tmp_path, monkeypatch, role):
     from dqd_ray import loop
-    from dqd_ray.waits import actor_id_of, actor_info
+    from dqd_ray.runtime.waits import actor_id_of, actor_info
 
     built = {}
     make = loop.make_system
@@ -120,7 +120,7 @@ def test_a_wedged_role_stops_the_run_in_time_naming_role_call_and_node(
 
 
 def test_bundles_that_fit_only_in_total_are_found():
-    from dqd_ray.system import _homeless
+    from dqd_ray.runtime.resources import _homeless
 
     nodes = [{"CPU": 2.0}, {"CPU": 2.0, "GPU": 1.0}]
     assert _homeless([{"CPU": 2.0}, {"CPU": 1.0, "GPU": 1.0}], nodes) == []

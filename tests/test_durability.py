@@ -29,12 +29,12 @@ from types import SimpleNamespace
 import pytest
 from wandb_records import wandb_history
 
-from dqd_ray import checkpoint as ckpt
+from dqd_ray.state import checkpoint as ckpt
 from dqd_ray.bench.quality import curves_of
 from dqd_ray.cli import main
 from dqd_ray.config import ConfigError, build_config
 from dqd_ray.logging import JsonlSink
-from dqd_ray.rundir import (
+from dqd_ray.state.rundir import (
     MetricsFileError,
     RunDirInUse,
     RunLock,
@@ -271,7 +271,7 @@ def test_config_rewrite_on_resume_is_atomic_and_a_failure_releases_the_lock(run_
 
 HOLD = """
 import sys, time
-from dqd_ray.rundir import RunLock
+from dqd_ray.state.rundir import RunLock
 lock = RunLock(sys.argv[1]).acquire()
 print("locked", flush=True)
 time.sleep(600)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dqd_ray.es_gradients import ESGradient, centered_ranks
+from dqd_ray.roles.es_gradients import ESGradient, centered_ranks
 
 
 def cosine(a, b) -> float:

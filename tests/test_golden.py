@@ -10,8 +10,8 @@ import pytest
 
 import golden
 from dqd_ray.envs import ENV_IDS, QDLocomotionEnv
-from dqd_ray.policy import PolicySpec
-from dqd_ray.rollout import RolloutWorker
+from dqd_ray.roles.policy import PolicySpec
+from dqd_ray.roles.rollout import RolloutWorker
 
 
 @pytest.fixture(scope="module")

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from dqd_ray import checkpoint as ckpt
+from dqd_ray.state import checkpoint as ckpt
 from dqd_ray.config import build_config
-from dqd_ray.system import System
-from dqd_ray.learner import Learner
-from dqd_ray.rollout import RolloutWorker
+from dqd_ray.runtime import System
+from dqd_ray.roles.learner import Learner
+from dqd_ray.roles.rollout import RolloutWorker
 from dqd_ray.loop import Experiment, read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -198,8 +198,8 @@ def test_async_learner_trains_in_the_background_in_process(tmp_path):
 
 def test_learner_background_thread_over_a_plain_buffer():
     from dqd_ray.config import TD3Config
-    from dqd_ray.policy import PolicySpec
-    from dqd_ray.replay import ReplayBuffer
+    from dqd_ray.roles.policy import PolicySpec
+    from dqd_ray.roles.replay import ReplayBuffer
 
     rng = np.random.default_rng(0)
     replay = ReplayBuffer(3, 2, 2, 1000, seed=0)

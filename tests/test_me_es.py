@@ -9,8 +9,8 @@ import pytest
 from dqd_ray.algorithms.me_es import MEESEmitter, fold, novelty, unfold
 from dqd_ray.algorithms.me_es import MEESConfig
 from dqd_ray.config import build_config
-from dqd_ray.policy import PolicySpec
-from dqd_ray.rollout import RolloutWorker
+from dqd_ray.roles.policy import PolicySpec
+from dqd_ray.roles.rollout import RolloutWorker
 
 HOPPER = "QDHopperBulletEnv-v0"
 
@@ -129,7 +129,7 @@ def test_worker_action_noise_repeats_exactly_and_observations_are_summed():
 def test_generations_move_theta_fill_the_novelty_archive_and_learn_obs_stats():
     """Real rollouts in process: the first call evaluates x0, every call one
     generation; runs alternate exploit then explore every consecutive_steps."""
-    from dqd_ray.system import System
+    from dqd_ray.runtime import System
 
     cfg = build_config("me_es", sets=[
         f"env.id={HOPPER}", "env.episode_length=60", "algorithm.num_pairs=4",

@@ -13,7 +13,7 @@ from pydantic import Field
 from ribs.emitters import EmitterBase
 
 from dqd_ray import algorithms
-from dqd_ray import checkpoint as ckpt
+from dqd_ray.state import checkpoint as ckpt
 from dqd_ray.algorithms import AlgorithmSettings, MaskedScheduler, Needs
 from dqd_ray.cli import main as cli_main
 from dqd_ray.config import PRESETS, ConfigError, build_config

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dqd_ray.config import PolicyConfig
-from dqd_ray.policy import PolicySpec
+from dqd_ray.roles.policy import PolicySpec
 
 
 def test_qd_ant_genome_dim():

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from dqd_ray import checkpoint as ckpt
+from dqd_ray.state import checkpoint as ckpt
 from dqd_ray.cli import main
 from dqd_ray.config import ConfigError, build_config
 from dqd_ray.loop import Experiment, read_metrics
@@ -69,7 +69,7 @@ def test_each_preset_runs_resumes_and_matches_in_process(ray_session, tmp_path, 
     """One builder, two placements: every preset run on Ray actors with the CLI,
     stopped after 2 iterations and resumed to 3, gives in sync mode the metrics
     and the archive of an uninterrupted in-process run of the same seed."""
-    from dqd_ray.system import System
+    from dqd_ray.runtime import System
 
     extra = ("resources.learner_mode=sync", "resources.torch_threads=1",
              "metrics.robustness_every=2", "resources.num_rollout_workers=1")
@@ -115,8 +115,8 @@ def test_each_preset_runs_resumes_and_matches_in_process(ray_session, tmp_path, 
 def test_killed_rollout_worker_loses_and_duplicates_nothing(ray_session):
     import ray
 
-    from dqd_ray.system import System
-    from dqd_ray.policy import PolicySpec
+    from dqd_ray.runtime import System
+    from dqd_ray.roles.policy import PolicySpec
 
     cfg = _tiny_cfg("env.id=QDHalfCheetahBulletEnv-v0", "env.episode_length=1000",
                     "resources.envs_per_worker=1")
@@ -150,14 +150,14 @@ def test_killed_rollout_worker_loses_and_duplicates_nothing(ray_session):
 def test_replay_actor_many_concurrent_producers(ray_session):
     import ray
 
-    from dqd_ray.replay import ReplayBuffer
+    from dqd_ray.roles.replay import ReplayBuffer
 
     capacity = 50_000
     replay = ray.remote(num_cpus=0)(ReplayBuffer).remote(3, 2, 2, capacity, seed=0)
 
     @ray.remote(num_cpus=0)
     def produce(replay, producer: int, chunks: int, size: int):
-        from dqd_ray.system import ReplaySink
+        from dqd_ray.roles.replay_actor import ReplaySink
 
         sink = ReplaySink(replay, max_in_flight=2)
         for c in range(chunks):
@@ -193,7 +193,7 @@ def test_config_error_before_ray_starts(tmp_path):
 
 
 def test_gpu_fallback_and_strict(ray_session, capsys):
-    from dqd_ray.system import GPUUnavailableError, resolve_resources
+    from dqd_ray.runtime import GPUUnavailableError, resolve_resources
 
     n, gpus = resolve_resources(_tiny_cfg("resources.num_gpus_per_learner=1"))
     assert gpus == 0.0 and n == 2
@@ -258,8 +258,8 @@ def test_wandb_offline_run(tmp_path, monkeypatch):
 def test_several_learners_compute_what_one_learner_computes(ray_session):
     """Splitting the critics between learners is placement only: in sync mode
     every jacobian row, loss and archive equals the single learner's."""
-    from dqd_ray.system import LearnerGroup, System
-    from dqd_ray.policy import PolicySpec
+    from dqd_ray.runtime import LearnerGroup, System
+    from dqd_ray.roles.policy import PolicySpec
 
     spec = None
     results = {}

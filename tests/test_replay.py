@@ -7,7 +7,7 @@ import pickle
 import numpy as np
 import pytest
 
-from dqd_ray.replay import FIELDS, ReplayBuffer
+from dqd_ray.roles.replay import FIELDS, ReplayBuffer
 
 OBS, ACT, REW = 3, 2, 3
 

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from dqd_ray.cli import main
-from dqd_ray.results import load_run, render_episode
+from dqd_ray.analysis.results import load_run, render_episode
 
 ENVS = {"ant": "QDAntBulletEnv-v0", "cheetah": "QDHalfCheetahBulletEnv-v0",
         "hopper": "QDHopperBulletEnv-v0"}
@@ -74,7 +74,7 @@ def test_show_writes_the_table_heatmaps_and_curves(runs, tmp_path, capsys):
 def test_the_4d_heatmap_shares_one_colour_scale_and_labels_each_measure(runs):
     import matplotlib.pyplot as plt
 
-    from dqd_ray import viz
+    from dqd_ray.analysis import viz
     from dqd_ray.envs import env_metadata
 
     run = load_run(runs["ant"])

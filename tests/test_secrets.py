@@ -56,7 +56,7 @@ def tiny_sweep(tmp_path: Path, storage: Path) -> Path:
 
 
 def test_sweep_runtime_env_never_carries_the_key(monkeypatch):
-    from dqd_ray.tune import sweep_runtime_env, wandb_env
+    from dqd_ray.sweeps import sweep_runtime_env, wandb_env
 
     sentinel = f"sentinel-{uuid.uuid4()}"
     monkeypatch.setenv("WANDB_API_KEY", sentinel)
@@ -70,7 +70,7 @@ def test_sweep_runtime_env_never_carries_the_key(monkeypatch):
 def test_run_sweep_starts_ray_with_a_runtime_env_without_the_key(tmp_path, monkeypatch):
     """What ``run_sweep`` hands to ``ray.init`` (stopped right there)."""
     import dqd_ray.loop
-    from dqd_ray.tune import run_sweep
+    from dqd_ray.sweeps import run_sweep
 
     sentinel = f"sentinel-{uuid.uuid4()}"
     monkeypatch.setenv("WANDB_API_KEY", sentinel)
@@ -119,7 +119,7 @@ import ray
 from ray.core.generated import gcs_pb2
 
 from dqd_ray.cli import main
-from dqd_ray.tune import run_sweep
+from dqd_ray.sweeps import run_sweep
 
 sweep, run_dir, out, sets = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
 key = os.environ["WANDB_API_KEY"]
@@ -221,7 +221,7 @@ def _experiment_dir(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def test_private_experiment_dir_passes(tmp_path):
-    from dqd_ray.tune import check_experiment_dir_private
+    from dqd_ray.sweeps import check_experiment_dir_private
 
     _, exp = _experiment_dir(tmp_path)
     check_experiment_dir_private(exp)  # 0o755 directories, 0o644 files: fine
@@ -237,7 +237,7 @@ def test_private_experiment_dir_passes(tmp_path):
     ("trial_0/checkpoint_000000/state.json", 0o646, "others"),
 ])
 def test_writable_experiment_dir_is_refused_naming_the_path(tmp_path, where, mode, who):
-    from dqd_ray.tune import check_experiment_dir_private
+    from dqd_ray.sweeps import check_experiment_dir_private
 
     _, exp = _experiment_dir(tmp_path)
     target = (exp / where).resolve()
@@ -251,7 +251,7 @@ def test_writable_experiment_dir_is_refused_naming_the_path(tmp_path, where, mod
 
 
 def test_a_link_to_a_writable_file_is_refused(tmp_path):
-    from dqd_ray.tune import check_experiment_dir_private
+    from dqd_ray.sweeps import check_experiment_dir_private
 
     _, exp = _experiment_dir(tmp_path)
     outside = tmp_path / "shared.pkl"
@@ -263,7 +263,7 @@ def test_a_link_to_a_writable_file_is_refused(tmp_path):
 
 
 def test_a_directory_owned_by_another_user_is_refused(tmp_path, monkeypatch):
-    from dqd_ray.tune import check_experiment_dir_private
+    from dqd_ray.sweeps import check_experiment_dir_private
 
     _, exp = _experiment_dir(tmp_path)
     me = os.getuid()

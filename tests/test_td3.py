@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from dqd_ray.config import TD3Config
-from dqd_ray.policy import PolicySpec
-from dqd_ray.td3 import TD3Ensemble
+from dqd_ray.roles.policy import PolicySpec
+from dqd_ray.roles.td3 import TD3Ensemble
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -492,7 +492,7 @@ def test_actor_update_is_one_adam_step_up_q1_at_the_configured_rate():
 
 @pytest.mark.parametrize("init", ["xavier", "torch"])
 def test_stacked_mlp_initialization(init):
-    from dqd_ray.td3 import StackedMLP
+    from dqd_ray.roles.td3 import StackedMLP
 
     sizes = [40, 60, 20]
     gens = [torch.Generator().manual_seed(s) for s in (1, 2, 3)]

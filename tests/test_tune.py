@@ -19,7 +19,7 @@ import yaml
 from dqd_ray.cli import main
 from dqd_ray.config import ConfigError, build_config
 from dqd_ray.loop import read_metrics
-from dqd_ray.tune import Sweep, check_fits, parse_param, run_sweep, trial_bundles
+from dqd_ray.sweeps import Sweep, check_fits, parse_param, run_sweep, trial_bundles
 
 ROOT = Path(__file__).resolve().parent.parent
 SWEEPS = sorted((ROOT / "tune_configs").glob("*.yaml"))
@@ -370,7 +370,7 @@ def test_inside_a_placement_group_the_builder_sizes_from_its_bundles(ray_session
 
     @ray.remote(num_cpus=0)
     def workers_for(sets):
-        from dqd_ray.system import resolve_resources
+        from dqd_ray.runtime import resolve_resources
 
         return resolve_resources(build_config("map_elites", sets=sets), "ray")[0]
 

@@ -13,7 +13,7 @@ import inspect
 from ribs.archives import ArchiveStats, GridArchive
 from ribs.emitters import rankers
 
-from dqd_ray import statecodec
+from dqd_ray.state import statecodec
 from dqd_ray.algorithms import cma_maega, cma_mega, map_elites, me_es, pga_me
 from dqd_ray.algorithms.base import AlgorithmSettings, BuildContext, MaskedScheduler, Needs
 from dqd_ray.algorithms.registry import (ALGORITHMS, DEFAULT_ALGORITHM, PAPER_PRESETS, PRESETS,

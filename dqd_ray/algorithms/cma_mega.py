@@ -11,7 +11,7 @@ from ribs.emitters.opt import _adam_opt, _cma_es, _gradient_ascent_opt, _sep_cma
 
 from dqd_ray.algorithms.base import AlgorithmSettings, BuildContext, MaskedScheduler, Needs
 from dqd_ray.presets import PAPER, merge
-from dqd_ray.statecodec import ArraySpec
+from dqd_ray.state.statecodec import ArraySpec
 
 
 class CMAMEGAConfig(AlgorithmSettings):

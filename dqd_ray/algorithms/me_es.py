@@ -43,7 +43,7 @@ from pydantic import Field
 from ribs.emitters import EmitterBase
 
 from dqd_ray.algorithms.base import AlgorithmSettings, BuildContext, MaskedScheduler, Needs
-from dqd_ray.es_gradients import centered_ranks
+from dqd_ray.roles.es_gradients import centered_ranks
 from dqd_ray.presets import PAPER, merge
 
 # ES runs' RunningStat: sums start at a tiny count with unit variance; std >= 0.1.
@@ -184,7 +184,7 @@ class MEESEmitter(EmitterBase):
         Args:
             evaluate: ``evaluate(genomes, **options) -> dict`` with ``fitness``,
                 ``measures`` and ``valid``; options are ``action_noise`` and
-                ``collect_obs`` (see :class:`~dqd_ray.rollout.RolloutWorker`).
+                ``collect_obs`` (see :class:`~dqd_ray.roles.rollout.RolloutWorker`).
 
         Returns:
             Metrics of the generation.

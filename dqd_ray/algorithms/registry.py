@@ -13,7 +13,7 @@ An algorithm is a module (or any object) that declares everything about itself:
   ``bench iteration``'s projection;
 - ``STATE_CLASSES`` (optional): the classes its checkpoint state may hold, and
   ``STATE_ARRAYS`` (optional): ``{class: {attribute: ArraySpec}}`` for arrays
-  that are None on a freshly built object (see :mod:`dqd_ray.statecodec`);
+  that are None on a freshly built object (see :mod:`dqd_ray.state.statecodec`);
 - ``PRESETS`` (optional): ``{preset: settings overrides}``, and
   ``PAPER_PRESETS``: which of them hold a paper's settings.
 
@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-from dqd_ray import statecodec
+from dqd_ray.state import statecodec
 from dqd_ray.algorithms.base import AlgorithmSettings, Needs
 
 

@@ -125,7 +125,7 @@ def _cells(archive_npz: Path) -> dict[int, float]:
 
 def _elites_kept(run_dir: Path, checkpoints: list[Path]) -> dict[str, Any]:
     """Every elite of every checkpoint seen is in the final archive, at least as good."""
-    from dqd_ray import checkpoint as ckpt
+    from dqd_ray.state import checkpoint as ckpt
 
     final = ckpt.latest_valid(run_dir / "checkpoints")
     if final is None:
@@ -151,7 +151,7 @@ def _cells_of(saved: Any) -> dict[int, float]:
 
 def _copy_checkpoint_archives(run_dir: Path, seen: dict[str, dict]) -> None:
     """Remembers each checkpoint's archive (older ones are pruned later)."""
-    from dqd_ray import checkpoint as ckpt
+    from dqd_ray.state import checkpoint as ckpt
 
     for path in ckpt.list_checkpoints(run_dir / "checkpoints"):
         if path.name in seen:
@@ -209,7 +209,7 @@ def _scenario_nodes(cluster, work: Path, preset: str, iterations: int, extra: li
     its = [x["iteration"] for x in m]
     per_iter = [x["iteration_evaluations"] for x in m]
     from dqd_ray.config import build_config
-    from dqd_ray.system import evaluations_per_iteration
+    from dqd_ray.runtime import evaluations_per_iteration
 
     cfg = build_config(preset, sets=[*SMALL, *PLACED, f"iterations={iterations}", *extra])
     expected_per_iter = evaluations_per_iteration(cfg)
@@ -271,7 +271,7 @@ def _scenario_nodes(cluster, work: Path, preset: str, iterations: int, extra: li
 
 def _scenario_driver(cluster, work: Path, preset: str, iterations: int, extra: list[str],
                      timeout: float) -> dict[str, Any]:
-    from dqd_ray import checkpoint as ckpt
+    from dqd_ray.state import checkpoint as ckpt
 
     run_dir = work / "driver"
     log = work / "driver.log"
@@ -364,7 +364,7 @@ def _scenario_wait(cluster, work: Path, preset: str, extra: list[str],
 CRASH_SCRIPT = """
 import os, signal, sys
 import numpy as np
-from dqd_ray import checkpoint
+from dqd_ray.state import checkpoint
 from dqd_ray.cli import main
 
 crash_at = sys.argv[1]
@@ -383,7 +383,7 @@ sys.exit(main(sys.argv[2:]))
 
 def _scenario_checkpoint(work: Path, preset: str, iterations: int, extra: list[str],
                          timeout: float) -> dict[str, Any]:
-    from dqd_ray import checkpoint as ckpt
+    from dqd_ray.state import checkpoint as ckpt
 
     run_dir = work / "checkpoint"
     log = work / "checkpoint.log"

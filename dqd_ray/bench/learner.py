@@ -84,8 +84,8 @@ def run(device: str = "cpu", env_id: str = "QDAntBulletEnv-v0", batch_size: int 
     """Runs the bench; prints two tables and returns (and optionally writes) the figures."""
     from dqd_ray.config import PolicyConfig, TD3Config
     from dqd_ray.envs import env_metadata
-    from dqd_ray.policy import PolicySpec
-    from dqd_ray.td3 import TD3Ensemble
+    from dqd_ray.roles.policy import PolicySpec
+    from dqd_ray.roles.td3 import TD3Ensemble
 
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda: torch sees no GPU here; use --device cpu")

@@ -52,7 +52,7 @@ def curves_of(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The curves of the runs (``run_dir``, ``preset``, ``seed``), read from
     their ``metrics.jsonl`` as ``show`` reads them (a torn last line, left by a
     crash, is dropped with a warning)."""
-    from dqd_ray.results import load_run
+    from dqd_ray.analysis.results import load_run
 
     return [{"label": f"{r['preset']} seed {r['seed']}", "group": r["preset"],
              "metrics": load_run(r["run_dir"], need_archive=False).metrics} for r in runs]
@@ -63,11 +63,11 @@ def run(env_ids: tuple[str, ...] = ("QDAntBulletEnv-v0",),
         evaluations: int = 20000, seeds: tuple[int, ...] = (0, 1), sets: list[str] | None = None,
         out: str | None = None, json_path: str | None = None, robustness_episodes: int = 10,
         num_cpus: int | None = None) -> dict[str, Any]:
-    from dqd_ray import viz
+    from dqd_ray.analysis import viz
     from dqd_ray.config import build_config
     from dqd_ray.loop import Experiment, init_ray
-    from dqd_ray.results import load_run, robustness
-    from dqd_ray.system import EvaluationPool, evaluations_per_iteration
+    from dqd_ray.analysis.results import load_run, robustness
+    from dqd_ray.runtime import EvaluationPool, evaluations_per_iteration
 
     from dqd_ray.config import PAPER_PRESETS, ConfigError
 

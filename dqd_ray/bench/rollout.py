@@ -35,8 +35,8 @@ from gymnasium.utils import seeding
 from dqd_ray.bench.common import machine_info, print_table, write_json
 from dqd_ray.envs import ENV_IDS, QDLocomotionEnv, load_robot
 from dqd_ray.envs.robots import ROBOTS
-from dqd_ray.policy import PolicySpec
-from dqd_ray.rollout import RolloutWorker, _ChunkBuilder
+from dqd_ray.roles.policy import PolicySpec
+from dqd_ray.roles.rollout import RolloutWorker, _ChunkBuilder
 
 GOAL = 0.8
 

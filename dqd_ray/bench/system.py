@@ -34,8 +34,8 @@ def run(workers: int | None = None, env_id: str = "QDAntBulletEnv-v0", genomes: 
 
     from dqd_ray.config import build_config
     from dqd_ray.loop import init_ray
-    from dqd_ray.rollout import RolloutWorker
-    from dqd_ray.system import System
+    from dqd_ray.roles.rollout import RolloutWorker
+    from dqd_ray.runtime import System
 
     init_ray()
     cpus = int(ray.cluster_resources().get("CPU", 1))
@@ -44,7 +44,7 @@ def run(workers: int | None = None, env_id: str = "QDAntBulletEnv-v0", genomes: 
             f"resources.num_rollout_workers={n}", f"resources.envs_per_worker={envs_per_worker}",
             "td3.replay_capacity=200000", "logging.progress_bar=false"]
     cfg = build_config("cma_mega_td3", sets=sets)
-    from dqd_ray.policy import PolicySpec
+    from dqd_ray.roles.policy import PolicySpec
 
     spec = PolicySpec.from_config(cfg.env.id, cfg.policy)
     pop = _genomes(spec, genomes, seed)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dqd_ray.learner import StagedTraining
+from dqd_ray.roles.learner import StagedTraining
 from dqd_ray.runtime.resources import _warn
 
 
@@ -62,7 +62,7 @@ class LearnerGroup:
             ids = p.get([p.call(lr, "incarnation_id", group="grad") for lr in self.learners],
                         timeout=self.restart_timeout_s)
         except TimeoutError as err:
-            from dqd_ray.waits import CallTimeoutError
+            from dqd_ray.runtime.waits import CallTimeoutError
 
             raise CallTimeoutError(
                 f"{err} (a learner restarting with no node to host it? "

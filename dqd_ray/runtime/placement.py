@@ -1,11 +1,11 @@
 """Where the roles live: :class:`InProcess` (plain objects in this process) or
-:class:`OnRay` (actors, with a deadline on every wait; see :mod:`dqd_ray.waits`)."""
+:class:`OnRay` (actors, with a deadline on every wait; see :mod:`dqd_ray.runtime.waits`)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from dqd_ray.replay_actor import ReplayActorSampler, ReplaySink
+from dqd_ray.roles.replay_actor import ReplayActorSampler, ReplaySink
 
 
 class _Done:
@@ -84,10 +84,10 @@ class InProcess:
 class OnRay:
     """Roles as Ray actors; calls return object refs.
 
-    Every wait has a deadline (see :mod:`dqd_ray.waits`): a call that gets no
+    Every wait has a deadline (see :mod:`dqd_ray.runtime.waits`): a call that gets no
     answer within ``call_timeout_s`` from a live actor, or whose actor stays
     restarting longer than ``restart_timeout_s``, raises a
-    :class:`~dqd_ray.waits.CallTimeoutError` naming the role (the ``role``
+    :class:`~dqd_ray.runtime.waits.CallTimeoutError` naming the role (the ``role``
     option given to :meth:`make`), the method and the node.
     """
 
@@ -136,7 +136,7 @@ class OnRay:
     def make(self, cls, options: dict, *args, **kw):
         import ray
 
-        from dqd_ray.waits import actor_id_of
+        from dqd_ray.runtime.waits import actor_id_of
 
         options = dict(options)
         role = options.pop("role", cls.__name__)
@@ -145,7 +145,7 @@ class OnRay:
         return handle
 
     def call(self, handle, method: str, *args, group: str | None = None, **kw):
-        from dqd_ray.waits import actor_id_of
+        from dqd_ray.runtime.waits import actor_id_of
 
         m = getattr(handle, method)
         if group is not None:
@@ -165,10 +165,10 @@ class OnRay:
             self._calls.pop(r, None)
 
     def get(self, futures, timeout: float | None = None):
-        """Results; a :class:`~dqd_ray.waits.CallTimeoutError` (a ``TimeoutError``)
+        """Results; a :class:`~dqd_ray.runtime.waits.CallTimeoutError` (a ``TimeoutError``)
         names the role, call and node when a deadline passes first (``timeout``,
         default ``call_timeout_s``)."""
-        from dqd_ray.waits import get_refs
+        from dqd_ray.runtime.waits import get_refs
 
         try:
             return get_refs(futures, timeout_s=timeout or self.call_timeout_s,
@@ -179,7 +179,7 @@ class OnRay:
     def wait_any(self, futures: list) -> tuple[Any, list]:
         """The first of ``futures`` to finish; a deadline error when none answers
         within ``call_timeout_s``."""
-        from dqd_ray.waits import wait_refs
+        from dqd_ray.runtime.waits import wait_refs
 
         done, rest = wait_refs(futures, 1, timeout_s=self.call_timeout_s,
                                restart_timeout_s=self.restart_timeout_s, what=self._what)

@@ -52,8 +52,8 @@ from dqd_ray.config import (
     PRESETS,
     ConfigError,
     ExperimentConfig,
-    _format_error,
-    _merge,
+    format_error,
+    merge,
     build_config,
     nest_dotted,
     parse_set,
@@ -286,7 +286,7 @@ class Sweep:
         try:
             self.spec = SweepFile.model_validate(self.raw)
         except ValidationError as err:
-            raise ConfigError(f"{self.path}: " + _format_error(err)) from None
+            raise ConfigError(f"{self.path}: " + format_error(err)) from None
         self.name = self.spec.name
         self.params = [parse_param(k, v) for k, v in self.spec.param_space.items()]
         sched = self.spec.tune_config.scheduler
@@ -307,14 +307,14 @@ class Sweep:
         """The experiment config of a trial with these sampled ``params``."""
         params = dict(params)
         preset = params.pop("preset", self.spec.base.preset)
-        layered = _merge(self.base_data or {},
-                         _merge(nest_dotted(self.spec.base.set), nest_dotted(params)))
+        layered = merge(self.base_data or {},
+                         merge(nest_dotted(self.spec.base.set), nest_dotted(params)))
         cfg = build_config(preset, overrides=layered)
         # Samplers such as quniform and PBT's perturbations give floats for
         # integer settings: round those (pydantic rejects 128.0 only if inexact).
         fixed = _integer_params(cfg, params)
         if fixed:
-            cfg = build_config(preset, overrides=_merge(layered, nest_dotted(fixed)))
+            cfg = build_config(preset, overrides=merge(layered, nest_dotted(fixed)))
         return cfg
 
     def _check(self, params: dict[str, Any], what: str) -> ExperimentConfig:
@@ -447,7 +447,7 @@ def _apply_sets(raw: dict, sets: list[str]) -> dict:
         elif key == "preset":  # the base preset (base.set cannot change it)
             raw.setdefault("base", {})["preset"] = value
         elif head in SweepFile.model_fields:
-            raw = _merge(raw, nested)
+            raw = merge(raw, nested)
         else:  # an experiment setting: a base override
             base = raw.setdefault("base", {})
             if not isinstance(base, dict):

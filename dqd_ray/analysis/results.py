@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from dqd_ray import checkpoint as ckpt
+from dqd_ray.state import checkpoint as ckpt
 from dqd_ray.config import ConfigError, ExperimentConfig, build_config
 from dqd_ray.envs import make_env
-from dqd_ray.rundir import read_jsonl
-from dqd_ray.policy import PolicySpec
+from dqd_ray.state.rundir import read_jsonl
+from dqd_ray.roles.policy import PolicySpec
 
 SUMMARY_COLUMNS = (
     ("qd_score", "QD score", "{:.1f}"), ("norm_qd_score", "norm. QD score", "{:.4f}"),
@@ -53,7 +53,7 @@ def load_run(run_dir: str | Path, need_archive: bool = True) -> Run:
 
     Raises:
         ConfigError: Not a run directory, or a corrupt metrics line that is not
-            the last (:class:`~dqd_ray.rundir.MetricsFileError`).
+            the last (:class:`~dqd_ray.state.rundir.MetricsFileError`).
         CheckpointError: ``need_archive`` and no intact checkpoint.
     """
     path = Path(run_dir)

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from dqd_ray import viz
+from dqd_ray.analysis import viz
 from dqd_ray.envs import env_metadata
-from dqd_ray.results import Run, format_table, load_run, robustness, summary_row
+from dqd_ray.analysis.results import Run, format_table, load_run, robustness, summary_row
 
 
 def _default_out(run_dirs: list[str]) -> Path:
@@ -68,7 +68,7 @@ def robustness_command(run_dir: str, episodes: int = 10, out: str | None = None,
                        local_inprocess: bool = False, address: str | None = None,
                        num_cpus: int | None = None) -> dict:
     """Re-evaluates every elite of a run's newest archive; writes JSON and a histogram."""
-    from dqd_ray.system import EvaluationPool
+    from dqd_ray.runtime import EvaluationPool
 
     if episodes < 1:
         raise ValueError(f"--episodes must be >= 1, got {episodes}")

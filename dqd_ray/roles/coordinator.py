@@ -18,7 +18,7 @@ Algorithms whose emitters run their own generation (ME-ES, ``Needs.es_steps``)
 replace steps 2-4 by ``emitter.step(evaluate)``.
 
 Evaluation and gradients go through two small interfaces (see
-:mod:`dqd_ray.system`), so the same coordinator runs in process and as a Ray
+:mod:`dqd_ray.roles`), so the same coordinator runs in process and as a Ray
 actor. Invalid solutions (non-finite actions, observations, objectives or
 measures) never reach the archive: they are masked out of the insertion,
 ranked last for the emitters and counted.
@@ -31,9 +31,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from dqd_ray import algorithms, statecodec
+from dqd_ray import algorithms
+from dqd_ray.state import statecodec
 from dqd_ray.algorithms import BuildContext, MaskedScheduler  # noqa: F401 (re-export)
-from dqd_ray.es_gradients import ESGradient
+from dqd_ray.roles.es_gradients import ESGradient
 from dqd_ray.metrics import COUNTERS, PhaseTimer
 
 
@@ -400,7 +401,7 @@ class Coordinator:
         """Scheduler (archives, emitters, CMA-ES), RNGs and counters as JSON plus arrays.
 
         The archives are stored as their occupied cells only (see
-        :mod:`dqd_ray.statecodec`); nothing in it is pickled.
+        :mod:`dqd_ray.state.statecodec`); nothing in it is pickled.
         """
         tree, arrays = statecodec.encode({
             "scheduler": self.scheduler,

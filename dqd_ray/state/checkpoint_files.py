@@ -1,4 +1,4 @@
-"""Reading a checkpoint's files without trusting them (see :mod:`dqd_ray.checkpoint`).
+"""Reading a checkpoint's files without trusting them (see :mod:`dqd_ray.state.checkpoint`).
 
 Whoever can write a checkpoint directory (a shared disk, a copied run) must
 not be able to make a resume hang, exhaust memory, crash with a traceback or
@@ -98,7 +98,7 @@ class Limits:
         """
         from dqd_ray.config import ExperimentConfig
         from dqd_ray.envs import env_metadata
-        from dqd_ray.policy import PolicySpec
+        from dqd_ray.roles.policy import PolicySpec
 
         try:
             cfg = config if isinstance(config, ExperimentConfig) else \

@@ -23,8 +23,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from dqd_ray.policy import PolicySpec
-from dqd_ray.td3 import TD3Ensemble
+from dqd_ray.roles.policy import PolicySpec
+from dqd_ray.roles.td3 import TD3Ensemble
 
 
 def pick_device(requested_gpus: float = 0.0) -> str:

@@ -1,6 +1,6 @@
 """The replay buffer as a restartable Ray actor, and the adapters the rollout
 workers (:class:`ReplaySink`) and learners (:class:`ReplayActorSampler`) use to
-reach it. Kept apart from :mod:`dqd_ray.system` so the processes that unpickle
+reach it. Kept apart from the builder (:mod:`dqd_ray.runtime`) so the processes that unpickle
 these objects import only the replay buffer, not the whole system (torch,
 pyribs)."""
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
-from dqd_ray.replay import ReplayBuffer
+from dqd_ray.roles.replay import ReplayBuffer
 
 
 # -- adapters over the replay actor ----------------------------------------------------
@@ -40,13 +40,13 @@ class _ReplayClient:
         return self._replay
 
     def _what(self, method: str):
-        from dqd_ray.waits import actor_id_of
+        from dqd_ray.runtime.waits import actor_id_of
 
         aid = actor_id_of(self._replay)
         return lambda ref: ("the replay buffer", method, aid)
 
     def _get(self, refs, method: str):
-        from dqd_ray.waits import get_refs
+        from dqd_ray.runtime.waits import get_refs
 
         return get_refs(refs, timeout_s=self.timeout_s, restart_timeout_s=self.restart_timeout_s,
                         what=self._what(method), setting=self.SETTING)
@@ -54,7 +54,7 @@ class _ReplayClient:
     def _wait_one(self, pending: list, method: str) -> list:
         import ray
 
-        from dqd_ray.waits import wait_refs
+        from dqd_ray.runtime.waits import wait_refs
 
         done, rest = wait_refs(pending, 1, timeout_s=self.timeout_s,
                                restart_timeout_s=self.restart_timeout_s, what=self._what(method),
@@ -70,7 +70,7 @@ class ReplaySink(_ReplayClient):
     get the name and look the actor up on first use: a handle among an actor's
     constructor arguments lives in the object store, and Ray cannot promise to
     restart an actor whose arguments may be gone (ray-project/ray#53727).
-    Every wait on the actor has the deadlines of :mod:`dqd_ray.waits`.
+    Every wait on the actor has the deadlines of :mod:`dqd_ray.runtime.waits`.
     """
 
     def __init__(self, replay, max_in_flight: int = 2, timeout_s: float = 600.0,
@@ -104,7 +104,7 @@ class _Future:
 class ReplayActorSampler(_ReplayClient):
     """A learner's sampler over the replay actor (its handle, or its name: the
     restartable learners get the name, like :class:`ReplaySink`), with the
-    deadlines of :mod:`dqd_ray.waits`."""
+    deadlines of :mod:`dqd_ray.runtime.waits`."""
 
     def size(self) -> int:
         return self._get(self.replay.size.remote(), "size")
@@ -138,7 +138,7 @@ class ReplayActor(ReplayBuffer):
             self.restored = self._reload(Path(checkpoints))
 
     def _reload(self, root: Path) -> dict:
-        from dqd_ray import checkpoint as ckpt
+        from dqd_ray.state import checkpoint as ckpt
 
         info = {"checkpoint": None, "size": 0}
         try:

@@ -13,7 +13,7 @@ state and its node when
 
 A restarting actor is given its restart bound even past ``timeout_s``: Ray
 retries the call once the actor is back. Kept free of torch and pyribs: the
-rollout workers import it through :mod:`dqd_ray.replay_actor`.
+rollout workers import it through :mod:`dqd_ray.roles.replay_actor`.
 """
 
 from __future__ import annotations

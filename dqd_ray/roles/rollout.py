@@ -23,7 +23,7 @@ from typing import Callable
 import numpy as np
 
 from dqd_ray.envs import env_metadata, make_env
-from dqd_ray.policy import PolicySpec
+from dqd_ray.roles.policy import PolicySpec
 
 Sink = Callable[..., None]  # sink(chunk) or sink(chunk, key=...)
 

@@ -24,7 +24,7 @@ import math
 import numpy as np
 import torch
 
-from dqd_ray.policy import PolicySpec
+from dqd_ray.roles.policy import PolicySpec
 
 
 def agent_seeds(seed: int, objective: int) -> tuple[int, int]:

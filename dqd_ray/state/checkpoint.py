@@ -11,7 +11,7 @@ never leaves a half-written checkpoint under a real name. Inside:
   measures, index), for plots and analysis;
 - ``coordinator.json`` + ``coordinator.npz``: scheduler, archives (occupied
   cells only), emitters, CMA-ES state, RNGs and counters as a JSON tree and
-  numeric arrays (see :mod:`dqd_ray.statecodec`), restored onto a freshly
+  numeric arrays (see :mod:`dqd_ray.state.statecodec`), restored onto a freshly
   built coordinator through an explicit allowlist of types;
 - ``learner_<i>.pt``: TD3 ensembles and optimizers (torch state dicts, load
   with ``weights_only=True``);
@@ -22,7 +22,7 @@ arrays are read with ``allow_pickle=False``, torch files with
 ``weights_only=True``, and the coordinator's tree admits only allowlisted
 types. A checkpoint may also come from someone else (a shared directory, a
 copied run), so nothing in it is trusted before it is checked, and each check
-comes before the work it protects (:mod:`dqd_ray.checkpoint_files`):
+comes before the work it protects (:mod:`dqd_ray.state.checkpoint_files`):
 
 - the manifest (small, shallow JSON) names exactly the format's files: no
   paths, no ``..``, each required one listed; each a regular file inside the
@@ -31,11 +31,11 @@ comes before the work it protects (:mod:`dqd_ray.checkpoint_files`):
 - JSON files are bounded in size and nesting (checked without recursion);
 - every npz member's ``.npy`` header (dtype, shape, declared size) is read
   before any array: numeric dtypes only, shapes and sizes within the
-  :class:`~dqd_ray.checkpoint_files.Limits` of the checkpoint's config;
+  :class:`~dqd_ray.state.checkpoint_files.Limits` of the checkpoint's config;
 - the coordinator's tree is validated whole (allowlisted types, no dunder
-  attributes, one elite per archive cell: :func:`dqd_ray.statecodec.validate`),
+  attributes, one elite per archive cell: :func:`dqd_ray.state.statecodec.validate`),
   and fitted against the fresh coordinator before anything is restored
-  (:func:`dqd_ray.statecodec.restore`).
+  (:func:`dqd_ray.state.statecodec.restore`).
 
 Every refusal is a :class:`CheckpointError` ``"<checkpoint>: <file>: <problem>"``;
 :func:`latest_loadable` skips refused checkpoints, newest first, down to the
@@ -57,7 +57,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from dqd_ray.checkpoint_files import (MAX_LEARNERS, MAX_MANIFEST_BYTES,  # noqa: F401
+from dqd_ray.state.checkpoint_files import (MAX_LEARNERS, MAX_MANIFEST_BYTES,  # noqa: F401
                                       CheckpointError, Limits, fail, json_depth, load_learner,
                                       open_regular, read_archive, read_json, read_npz, sha256)
 
@@ -355,7 +355,7 @@ def load_checkpoint(path: Path, manifest: dict) -> dict[str, Any]:
         CheckpointError: A file that is not what the format allows.
     """
     import dqd_ray.algorithms  # noqa: F401 - registers the allowlisted types
-    from dqd_ray.statecodec import StateError, validate
+    from dqd_ray.state.statecodec import StateError, validate
 
     path = Path(path)
     limits = Limits.from_config(manifest["config"])
@@ -386,9 +386,9 @@ def load_checkpoint(path: Path, manifest: dict) -> dict[str, Any]:
 def restore_refusal(path: Path, err: BaseException) -> CheckpointError:
     """The error to raise when a live system refuses to restore checkpoint
     ``path`` (e.g. ``Coordinator.load_state_dict``'s
-    :class:`~dqd_ray.statecodec.StateError`: the tree does not fit the fresh
+    :class:`~dqd_ray.state.statecodec.StateError`: the tree does not fit the fresh
     coordinator), naming the file the refused state came from."""
-    from dqd_ray.statecodec import StateError
+    from dqd_ray.state.statecodec import StateError
 
     cause = getattr(err, "cause", None)  # a Ray task error wraps the actor's exception
     text = str(cause if isinstance(cause, BaseException) else err).strip()

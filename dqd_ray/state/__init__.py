@@ -1,0 +1,9 @@
+"""What a run leaves on disk and reads back.
+
+- ``checkpoint.py``: writing, verifying, finding and loading checkpoints;
+- ``checkpoint_files.py``: the hardened readers of a checkpoint's files (sizes,
+  names, npz headers; nothing is ever unpickled);
+- ``statecodec.py``: live objects (the scheduler, its archives and emitters) to
+  JSON plus arrays and back, restricted to an allowlist of classes;
+- ``rundir.py``: the run directory: atomic writes, fsync, the metrics file, its lock.
+"""
