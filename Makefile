@@ -25,7 +25,9 @@ run: $(STAMP)
 		--set td3.replay_capacity=200000 --set checkpoint.every=5 \
 		--set logging.wandb=true --set logging.heatmap_every=5
 
+# Lint first (rules in pyproject.toml: pyflakes, pycodestyle, import order, bugbear).
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q --durations=25 -n 2 --dist loadfile
 
 bench: $(STAMP)

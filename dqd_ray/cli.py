@@ -413,7 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
     b_q.add_argument("--env", action="append", default=[],
                      help="an env id (repeatable; default: QD Ant)")
     b_q.add_argument("--presets", nargs="+", default=None, metavar="PRESET",
-                     help="presets to compare (default: the paper's: " + ", ".join(PAPER_PRESETS) + ")")
+                     help="presets to compare (default: the paper's: "
+                     + ", ".join(PAPER_PRESETS) + ")")
     b_q.add_argument("--evaluations", type=int, default=20000,
                      help="evaluation budget of every run")
     b_q.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -428,7 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     b_flt = bsub.add_parser(
         "faults", help="node loss, driver SIGKILL and checkpoint crashes on a local "
         "multi-node Ray cluster; reports what survived")
-    b_flt.add_argument("--scenario", action="append", choices=["nodes", "driver", "wait", "checkpoint"],
+    b_flt.add_argument("--scenario", action="append",
+                       choices=["nodes", "driver", "wait", "checkpoint"],
                        help="run only these (repeatable; default: all)")
     b_flt.add_argument("--preset", default="cma_mega_td3", help=preset_help)
     b_flt.add_argument("--iterations", type=int, default=12)
@@ -443,10 +445,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dqd_ray.state.checkpoint import CheckpointError
     from dqd_ray.config import ConfigError
     from dqd_ray.loop import RunFailed
     from dqd_ray.runtime import GPUUnavailableError, ResourceError
+    from dqd_ray.state.checkpoint import CheckpointError
 
     args = build_parser().parse_args(argv)
     try:

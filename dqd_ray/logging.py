@@ -15,8 +15,16 @@ from typing import Any
 from tqdm import tqdm
 
 from dqd_ray.state.rundir import (  # noqa: F401 - re-exported
-    MetricsFileError, RunDirInUse, RunLock, append_durably, atomic_write_text, fsync_dir,
-    parse_jsonl, read_jsonl, torn_warning)
+    MetricsFileError,
+    RunDirInUse,
+    RunLock,
+    append_durably,
+    atomic_write_text,
+    fsync_dir,
+    parse_jsonl,
+    read_jsonl,
+    torn_warning,
+)
 
 
 def _clean(v: Any):
@@ -71,7 +79,8 @@ class ProgressSink(Sink):
 
     def log(self, metrics: dict, archive=None, checkpoint=None) -> None:
         best = metrics.get("best_fitness")
-        self.bar.set_postfix(qd=f"{metrics['qd_score']:.0f}", cov=f"{100 * metrics['coverage']:.1f}%",
+        self.bar.set_postfix(qd=f"{metrics['qd_score']:.0f}",
+                             cov=f"{100 * metrics['coverage']:.1f}%",
                              best="-" if best is None else f"{best:.1f}",
                              sps=f"{metrics.get('env_steps_per_s', 0):.0f}", refresh=False)
         self.bar.update(1)

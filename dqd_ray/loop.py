@@ -46,11 +46,11 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 
-from dqd_ray.state import checkpoint as ckpt
 from dqd_ray import metrics
 from dqd_ray.config import ConfigError, ExperimentConfig, build_config, to_yaml
 from dqd_ray.envs import env_metadata
 from dqd_ray.logging import JsonlSink, ProgressSink, WandbSink
+from dqd_ray.state import checkpoint as ckpt
 from dqd_ray.state.rundir import (  # RunDirInUse: what a second `run`/`resume` raises
     RunDirInUse,  # noqa: F401
     RunLock,

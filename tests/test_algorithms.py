@@ -10,19 +10,19 @@ import numpy as np
 import pytest
 import torch
 
-from dqd_ray.state import checkpoint as ckpt
-from dqd_ray.state import statecodec
-from dqd_ray.bench.sphere import DomainEvaluator
 from dqd_ray.algorithms.map_elites import MapElitesConfig
+from dqd_ray.bench.sphere import DomainEvaluator
 from dqd_ray.config import TD3Config, build_config
-from dqd_ray.roles.coordinator import Coordinator
 from dqd_ray.envs import LinearProjection, env_metadata
-from dqd_ray.roles.learner import Learner
 from dqd_ray.loop import Experiment, read_metrics
+from dqd_ray.roles.coordinator import Coordinator
+from dqd_ray.roles.learner import Learner
 from dqd_ray.roles.policy import PolicySpec
 from dqd_ray.roles.replay import ReplayBuffer
 from dqd_ray.roles.rollout import RolloutWorker
 from dqd_ray.runtime import System
+from dqd_ray.state import checkpoint as ckpt
+from dqd_ray.state import statecodec
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

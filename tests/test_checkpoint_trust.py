@@ -27,11 +27,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dqd_ray.state import checkpoint as ckpt
-from dqd_ray.state import statecodec
 from dqd_ray.config import build_config
 from dqd_ray.loop import Experiment
 from dqd_ray.runtime import System
+from dqd_ray.state import checkpoint as ckpt
+from dqd_ray.state import statecodec
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -57,10 +57,10 @@ def _refuse_work(monkeypatch):
     """Every command's work entry point fails the test if it is reached: a bad
     argument must be refused before an env, a Ray, a run directory or a run's
     checkpoint is touched."""
-    import dqd_ray.envs
-    import dqd_ray.loop
     import dqd_ray.analysis.results
     import dqd_ray.analysis.show
+    import dqd_ray.envs
+    import dqd_ray.loop
 
     def started(name):
         def fail(*args, **kwargs):
@@ -69,7 +69,8 @@ def _refuse_work(monkeypatch):
 
     for module, name in [(dqd_ray.envs, "make_env"), (dqd_ray.loop, "init_ray"),
                          (dqd_ray.loop.Experiment, "create"), (dqd_ray.loop.Experiment, "resume"),
-                         (dqd_ray.analysis.results, "render_elite"), (dqd_ray.analysis.results, "load_run"),
+                         (dqd_ray.analysis.results, "render_elite"),
+                         (dqd_ray.analysis.results, "load_run"),
                          (dqd_ray.analysis.show, "robustness_command")]:
         monkeypatch.setattr(module, name, started(name))
 

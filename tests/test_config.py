@@ -5,9 +5,15 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from dqd_ray.config import PRESETS, ConfigError, ExperimentConfig, build_config, parse_set, to_yaml
-
-from dqd_ray.config import PAPER_PRESETS
+from dqd_ray.config import (
+    PAPER_PRESETS,
+    PRESETS,
+    ConfigError,
+    ExperimentConfig,
+    build_config,
+    parse_set,
+    to_yaml,
+)
 from dqd_ray.envs import ENV_IDS
 from dqd_ray.runtime import algorithm_needs
 

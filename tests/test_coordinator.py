@@ -9,16 +9,15 @@ import json
 import numpy as np
 import pytest
 
-from dqd_ray.bench.sphere import DomainEvaluator, make_coordinator, run_map_elites
 from dqd_ray.algorithms.cma_mega import CMAMEGAConfig as AlgorithmConfig
+from dqd_ray.bench.sphere import DomainEvaluator, make_coordinator, run_map_elites
 from dqd_ray.config import build_config
-from dqd_ray.roles.coordinator import Coordinator
 from dqd_ray.envs import LinearProjection
+from dqd_ray.roles.coordinator import Coordinator
 from dqd_ray.roles.es_gradients import ESGradient
-from dqd_ray.runtime import System
 from dqd_ray.roles.policy import PolicySpec
 from dqd_ray.roles.rollout import RolloutWorker
-
+from dqd_ray.runtime import System
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

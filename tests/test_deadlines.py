@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from dqd_ray.state import checkpoint as ckpt
 from dqd_ray.config import ConfigError, build_config
 from dqd_ray.loop import Experiment, read_metrics
+from dqd_ray.state import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow
 

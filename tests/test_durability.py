@@ -29,11 +29,12 @@ from types import SimpleNamespace
 import pytest
 from wandb_records import wandb_history
 
-from dqd_ray.state import checkpoint as ckpt
 from dqd_ray.bench.quality import curves_of
 from dqd_ray.cli import main
 from dqd_ray.config import ConfigError, build_config
 from dqd_ray.logging import JsonlSink
+from dqd_ray.loop import Experiment, read_metrics
+from dqd_ray.state import checkpoint as ckpt
 from dqd_ray.state.rundir import (
     MetricsFileError,
     RunDirInUse,
@@ -41,7 +42,6 @@ from dqd_ray.state.rundir import (
     atomic_write_text,
     read_jsonl,
 )
-from dqd_ray.loop import Experiment, read_metrics
 
 TINY = ["env.id=QDHalfCheetahBulletEnv-v0", "env.episode_length=30", "algorithm.batch_size=4",
         "metrics.robustness_every=0", "checkpoint.every=1", "logging.progress_bar=false",

@@ -5,10 +5,10 @@ rollout worker's recorded transitions against the environment stepped by hand
 
 from __future__ import annotations
 
+import golden
 import numpy as np
 import pytest
 
-import golden
 from dqd_ray.envs import ENV_IDS, QDLocomotionEnv
 from dqd_ray.roles.policy import PolicySpec
 from dqd_ray.roles.rollout import RolloutWorker

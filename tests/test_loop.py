@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from dqd_ray.state import checkpoint as ckpt
 from dqd_ray.config import build_config
-from dqd_ray.runtime import System
+from dqd_ray.loop import Experiment, read_metrics
 from dqd_ray.roles.learner import Learner
 from dqd_ray.roles.rollout import RolloutWorker
-from dqd_ray.loop import Experiment, read_metrics
+from dqd_ray.runtime import System
+from dqd_ray.state import checkpoint as ckpt
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -13,12 +13,12 @@ from pydantic import Field
 from ribs.emitters import EmitterBase
 
 from dqd_ray import algorithms
-from dqd_ray.state import checkpoint as ckpt
 from dqd_ray.algorithms import AlgorithmSettings, MaskedScheduler, Needs
 from dqd_ray.cli import main as cli_main
 from dqd_ray.config import PRESETS, ConfigError, build_config
 from dqd_ray.loop import Experiment, read_metrics
 from dqd_ray.runtime.resources import evaluations_per_iteration
+from dqd_ray.state import checkpoint as ckpt
 
 
 class RandomSearchEmitter(EmitterBase):

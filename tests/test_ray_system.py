@@ -15,14 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from dqd_ray.state import checkpoint as ckpt
 from dqd_ray.cli import main
-from dqd_ray.config import ConfigError, build_config
+from dqd_ray.config import PRESETS, ConfigError, build_config
 from dqd_ray.loop import Experiment, read_metrics
+from dqd_ray.state import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow
-
-from dqd_ray.config import PRESETS
 
 PRESET_TINY = {
     "cma_mega_td3": ["algorithm.batch_size=4"], "cma_mega_td3_es": ["algorithm.batch_size=4"],
@@ -115,8 +113,8 @@ def test_each_preset_runs_resumes_and_matches_in_process(ray_session, tmp_path, 
 def test_killed_rollout_worker_loses_and_duplicates_nothing(ray_session):
     import ray
 
-    from dqd_ray.runtime import System
     from dqd_ray.roles.policy import PolicySpec
+    from dqd_ray.runtime import System
 
     cfg = _tiny_cfg("env.id=QDHalfCheetahBulletEnv-v0", "env.episode_length=1000",
                     "resources.envs_per_worker=1")
@@ -258,8 +256,8 @@ def test_wandb_offline_run(tmp_path, monkeypatch):
 def test_several_learners_compute_what_one_learner_computes(ray_session):
     """Splitting the critics between learners is placement only: in sync mode
     every jacobian row, loss and archive equals the single learner's."""
-    from dqd_ray.runtime import LearnerGroup, System
     from dqd_ray.roles.policy import PolicySpec
+    from dqd_ray.runtime import LearnerGroup, System
 
     spec = None
     results = {}

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dqd_ray.cli import main
 from dqd_ray.analysis.results import load_run, render_episode
+from dqd_ray.cli import main
 
 ENVS = {"ant": "QDAntBulletEnv-v0", "cheetah": "QDHalfCheetahBulletEnv-v0",
         "hopper": "QDHopperBulletEnv-v0"}

@@ -4,8 +4,8 @@ independent agents, targets, greedy genomes, state and learning."""
 from __future__ import annotations
 
 import copy
-import math
 import io
+import math
 
 import numpy as np
 import pytest
@@ -14,7 +14,6 @@ import torch
 from dqd_ray.config import TD3Config
 from dqd_ray.roles.policy import PolicySpec
 from dqd_ray.roles.td3 import TD3Ensemble
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-from wandb_records import wandb_history
 import yaml
+from wandb_records import wandb_history
 
 from dqd_ray.cli import main
 from dqd_ray.config import ConfigError, build_config

@@ -43,8 +43,8 @@ from pydantic import Field
 from ribs.emitters import EmitterBase
 
 from dqd_ray.algorithms.base import AlgorithmSettings, BuildContext, MaskedScheduler, Needs
-from dqd_ray.roles.es_gradients import centered_ranks
 from dqd_ray.presets import PAPER, merge
+from dqd_ray.roles.es_gradients import centered_ranks
 
 # ES runs' RunningStat: sums start at a tiny count with unit variance; std >= 0.1.
 _STAT_EPS = 1e-2

@@ -27,8 +27,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-from dqd_ray.state import statecodec
 from dqd_ray.algorithms.base import AlgorithmSettings, Needs
+from dqd_ray.state import statecodec
 
 
 @dataclasses.dataclass(frozen=True)

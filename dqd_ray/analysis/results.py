@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from dqd_ray.state import checkpoint as ckpt
 from dqd_ray.config import ConfigError, ExperimentConfig, build_config
 from dqd_ray.envs import make_env
-from dqd_ray.state.rundir import read_jsonl
 from dqd_ray.roles.policy import PolicySpec
+from dqd_ray.state import checkpoint as ckpt
+from dqd_ray.state.rundir import read_jsonl
 
 SUMMARY_COLUMNS = (
     ("qd_score", "QD score", "{:.1f}"), ("norm_qd_score", "norm. QD score", "{:.4f}"),

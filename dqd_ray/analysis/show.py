@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from dqd_ray.analysis import viz
-from dqd_ray.envs import env_metadata
 from dqd_ray.analysis.results import Run, format_table, load_run, robustness, summary_row
+from dqd_ray.envs import env_metadata
 
 
 def _default_out(run_dirs: list[str]) -> Path:

@@ -188,7 +188,7 @@ def _scenario_nodes(cluster, work: Path, preset: str, iterations: int, extra: li
                     ("rollout", rollout_b, {"num_cpus": 1, "resources": {"rollout": 1}}),
                     ("learner", learner_a, {"num_cpus": 1, "resources": {"learner": 1}}),
                     ("replay", replay_a, {"num_cpus": 0, "resources": {"replay": 1}})):
-                _wait(lambda: _last_iteration(run_dir) >= at[role], timeout,
+                _wait(lambda role=role: _last_iteration(run_dir) >= at[role], timeout,
                       f"iteration {at[role]} before removing the {role} node", proc, log)
                 _copy_checkpoint_archives(run_dir, seen)
                 it = _last_iteration(run_dir)

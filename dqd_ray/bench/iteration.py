@@ -69,10 +69,10 @@ def run(preset: str = "cma_mega_td3_es", env_id: str = "QDAntBulletEnv-v0",
         json_path: str | None = None) -> dict[str, Any]:
     import ray
 
-    from dqd_ray.state import checkpoint as ckpt
     from dqd_ray.config import build_config
     from dqd_ray.loop import init_ray
     from dqd_ray.runtime import System, evaluations_per_iteration
+    from dqd_ray.state import checkpoint as ckpt
 
     cfg = build_config(preset, sets=[f"env.id={env_id}", "logging.progress_bar=false",
                                      *(sets or [])])

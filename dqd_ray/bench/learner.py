@@ -158,12 +158,13 @@ def run(device: str = "cpu", env_id: str = "QDAntBulletEnv-v0", batch_size: int 
             s = rng.normal(size=(n, meta.obs_dim)).astype(np.float32)
             ens.jacobian(thetas[:1], s[:8])  # warm-up
             row: dict[str, Any] = {"genomes": g, "states": n}
-            now = _time(lambda: ens.jacobian(thetas, s), dev, repeats)
+            now = _time(lambda thetas=thetas, s=s: ens.jacobian(thetas, s), dev, repeats)
             row["jacobian_s"] = statistics.median(now)
             # The previous method holds every state's activations for all
             # objectives at once: gigabytes past 65,536 genome-state pairs.
             if compare_previous and g * n <= 65536:
-                prev = _time(lambda: jacobian_vmapped(ens, thetas, s), dev, repeats)
+                prev = _time(lambda thetas=thetas, s=s: jacobian_vmapped(ens, thetas, s), dev,
+                             repeats)
                 row["previous_s"] = statistics.median(prev)
                 row["speedup"] = row["previous_s"] / row["jacobian_s"]
                 a, b = ens.jacobian(thetas, s), jacobian_vmapped(ens, thetas, s)

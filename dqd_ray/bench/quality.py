@@ -64,12 +64,10 @@ def run(env_ids: tuple[str, ...] = ("QDAntBulletEnv-v0",),
         out: str | None = None, json_path: str | None = None, robustness_episodes: int = 10,
         num_cpus: int | None = None) -> dict[str, Any]:
     from dqd_ray.analysis import viz
-    from dqd_ray.config import build_config
-    from dqd_ray.loop import Experiment, init_ray
     from dqd_ray.analysis.results import load_run, robustness
+    from dqd_ray.config import PAPER_PRESETS, ConfigError, build_config
+    from dqd_ray.loop import Experiment, init_ray
     from dqd_ray.runtime import EvaluationPool, evaluations_per_iteration
-
-    from dqd_ray.config import PAPER_PRESETS, ConfigError
 
     presets = tuple(presets or PAPER_PRESETS)
     if evaluations < 1:

@@ -15,11 +15,12 @@ For each environment, in one run and alternating, median of the repeats:
 
 ``ratio`` is bare time / worker time (1.0: the rollout path costs nothing on
 top of the simulator); ``ratio_4envs`` the same episodes on a worker stepping
-4 envs in lockstep (the default ``resources.envs_per_worker``). The per-step split times each part alone on the same
-data: physics (``stepSimulation`` inside the bare loop), the bare loop's
-reads, the environment layer's own Python (env replay minus bare loop),
-policy forward, transition recording, and what is left for the worker's loop;
-and the cost of one reset in the environment and in the bare loop.
+4 envs in lockstep (the default ``resources.envs_per_worker``). The per-step
+split times each part alone on the same data: physics (``stepSimulation``
+inside the bare loop), the bare loop's reads, the environment layer's own
+Python (env replay minus bare loop), policy forward, transition recording,
+and what is left for the worker's loop; and the cost of one reset in the
+environment and in the bare loop.
 """
 
 from __future__ import annotations

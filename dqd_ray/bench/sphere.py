@@ -16,11 +16,11 @@ import time
 
 import numpy as np
 
-from dqd_ray.bench.common import machine_info, print_table, write_json
 from dqd_ray.algorithms.cma_mega import CMAMEGAConfig
 from dqd_ray.algorithms.map_elites import MapElitesConfig
-from dqd_ray.roles.coordinator import Coordinator
+from dqd_ray.bench.common import machine_info, print_table, write_json
 from dqd_ray.envs import LinearProjection
+from dqd_ray.roles.coordinator import Coordinator
 
 PAPER = {"norm_qd_score": 75.29, "coverage": 1.0}
 

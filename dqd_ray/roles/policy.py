@@ -70,7 +70,8 @@ class PolicySpec:
         g = np.empty(self.genome_dim, np.float32)
         for (w, b, fi, fo), (W, B) in zip(self.layers, layers):
             if np.shape(W) != (fo, fi) or np.shape(B) != (fo,):
-                raise ValueError(f"layer shapes {np.shape(W)}, {np.shape(B)}; expected ({fo}, {fi})")
+                raise ValueError(f"layer shapes {np.shape(W)}, {np.shape(B)}; "
+                                 f"expected ({fo}, {fi})")
             g[w] = np.asarray(W).ravel()
             g[b] = B
         return g

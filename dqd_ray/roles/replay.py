@@ -57,7 +57,8 @@ class ReplayBuffer:
 
     def _validate(self, chunk: dict) -> int:
         if not isinstance(chunk, dict):
-            raise TypeError(f"a chunk must be a dict with keys {FIELDS}, got {type(chunk).__name__}")
+            raise TypeError(f"a chunk must be a dict with keys {FIELDS}, "
+                            f"got {type(chunk).__name__}")
         missing = [k for k in FIELDS if k not in chunk]
         extra = [k for k in chunk if k not in FIELDS]
         if missing or extra:

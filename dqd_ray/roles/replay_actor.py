@@ -11,7 +11,6 @@ from pathlib import Path
 
 from dqd_ray.roles.replay import ReplayBuffer
 
-
 # -- adapters over the replay actor ----------------------------------------------------
 
 

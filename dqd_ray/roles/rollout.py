@@ -192,7 +192,8 @@ class RolloutWorker:
             raise ValueError(f"genomes must be 2-D (G, D), got shape {genomes.shape}")
         seeds = np.asarray(seeds)
         if seeds.shape != (len(genomes),):
-            raise ValueError(f"need one seed per genome: {len(genomes)} genomes, seeds {seeds.shape}")
+            raise ValueError(f"need one seed per genome: {len(genomes)} genomes, "
+                             f"seeds {seeds.shape}")
         g_count = len(genomes)
         if action_noise < 0 or not math.isfinite(action_noise):
             raise ValueError(f"action_noise must be a finite std >= 0, got {action_noise}")

@@ -99,7 +99,8 @@ class TD3Ensemble:
                  device: str = "cpu", seed: int = 0, objectives: list[int] | None = None):
         self.spec, self.cfg = policy_spec, cfg
         self.device = torch.device(device)
-        self.objectives = list(range(num_objectives)) if objectives is None else [int(o) for o in objectives]
+        self.objectives = (list(range(num_objectives)) if objectives is None
+                           else [int(o) for o in objectives])
         e = len(self.objectives)
         self.num_agents = e
         init_seeds, noise_seeds = zip(*(agent_seeds(seed, o) for o in self.objectives))

@@ -13,9 +13,14 @@
 from dqd_ray.runtime.builder import EvaluationPool, System, build
 from dqd_ray.runtime.learners import LearnerGroup
 from dqd_ray.runtime.placement import InProcess, OnRay
-from dqd_ray.runtime.resources import (GPUUnavailableError, ResourceError, Seeds,
-                                       algorithm_needs, evaluations_per_iteration,
-                                       resolve_resources)
+from dqd_ray.runtime.resources import (
+                                       GPUUnavailableError,
+                                       ResourceError,
+                                       Seeds,
+                                       algorithm_needs,
+                                       evaluations_per_iteration,
+                                       resolve_resources,
+)
 
 __all__ = ["EvaluationPool", "GPUUnavailableError", "InProcess", "LearnerGroup", "OnRay",
            "ResourceError", "Seeds", "System", "algorithm_needs", "build",

@@ -24,8 +24,7 @@ class InProcess:
     def resolve(self, cfg) -> tuple[int, float]:
         """(rollout workers, GPUs per learner); warns about the settings that
         have no effect in process."""
-        from dqd_ray.runtime.resources import (_warn, _warn_ray_only_fields,
-                                               resolve_in_process)
+        from dqd_ray.runtime.resources import _warn, _warn_ray_only_fields, resolve_in_process
 
         n_workers, gpus = resolve_in_process(cfg)
         if n_workers > 1:

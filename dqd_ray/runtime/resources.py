@@ -10,7 +10,6 @@ import numpy as np
 
 from dqd_ray import algorithms
 from dqd_ray.config import ConfigError, ExperimentConfig
-from dqd_ray.envs import env_metadata
 from dqd_ray.roles.policy import PolicySpec
 
 log = logging.getLogger(__name__)

@@ -57,9 +57,20 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from dqd_ray.state.checkpoint_files import (MAX_LEARNERS, MAX_MANIFEST_BYTES,  # noqa: F401
-                                      CheckpointError, Limits, fail, json_depth, load_learner,
-                                      open_regular, read_archive, read_json, read_npz, sha256)
+from dqd_ray.state.checkpoint_files import (  # noqa: F401
+    MAX_LEARNERS,
+    MAX_MANIFEST_BYTES,
+    CheckpointError,
+    Limits,
+    fail,
+    json_depth,
+    load_learner,
+    open_regular,
+    read_archive,
+    read_json,
+    read_npz,
+    sha256,
+)
 
 FORMAT_VERSION = 3  # 2: one target-noise stream per TD3 agent; 3: no pickle
 MANIFEST = "manifest.json"

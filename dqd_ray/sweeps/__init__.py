@@ -9,13 +9,33 @@ A trial's resource bundles are computed with the run's own
 """
 
 from dqd_ray.runtime.resources import check_fits, describe_bundles, trial_bundles
-from dqd_ray.sweeps.file import (PBT_MUTABLE, SAMPLERS, TUNE_METRICS, ASHAScheduler,
-                                 FIFOScheduler, Param, PBTScheduler, Sweep, SweepFile,
-                                 parse_param, reported)
-from dqd_ray.sweeps.launcher import (check_experiment_dir_private, dry_run_report, run_sweep,
-                                     write_csv)
-from dqd_ray.sweeps.trial import (TuneReportSink, make_scheduler, make_trainable, run_trial,
-                                  sweep_runtime_env, wandb_env)
+from dqd_ray.sweeps.file import (
+                                 PBT_MUTABLE,
+                                 SAMPLERS,
+                                 TUNE_METRICS,
+                                 ASHAScheduler,
+                                 FIFOScheduler,
+                                 Param,
+                                 PBTScheduler,
+                                 Sweep,
+                                 SweepFile,
+                                 parse_param,
+                                 reported,
+)
+from dqd_ray.sweeps.launcher import (
+                                 check_experiment_dir_private,
+                                 dry_run_report,
+                                 run_sweep,
+                                 write_csv,
+)
+from dqd_ray.sweeps.trial import (
+                                 TuneReportSink,
+                                 make_scheduler,
+                                 make_trainable,
+                                 run_trial,
+                                 sweep_runtime_env,
+                                 wandb_env,
+)
 
 __all__ = ["PBT_MUTABLE", "SAMPLERS", "TUNE_METRICS", "ASHAScheduler", "FIFOScheduler",
            "PBTScheduler", "Param", "Sweep", "SweepFile", "TuneReportSink",

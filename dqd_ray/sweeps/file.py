@@ -52,9 +52,9 @@ from dqd_ray.config import (
     PRESETS,
     ConfigError,
     ExperimentConfig,
+    build_config,
     format_error,
     merge,
-    build_config,
     nest_dotted,
     parse_set,
 )

@@ -8,10 +8,6 @@ import shutil
 import time
 from pathlib import Path
 
-from dqd_ray.config import (
-    ConfigError,
-    ExperimentConfig,
-)
 from dqd_ray.sweeps.file import ASHAScheduler, PBTScheduler, Sweep
 
 # -- the trainable -------------------------------------------------------------------
