@@ -50,6 +50,7 @@ from dqd_ray import metrics
 from dqd_ray.config import ConfigError, ExperimentConfig, build_config, to_yaml
 from dqd_ray.envs import env_metadata
 from dqd_ray.logging import JsonlSink, ProgressSink, WandbSink
+from dqd_ray.runtime.placement import init_ray, make_placement  # noqa: F401 - init_ray: re-exported
 from dqd_ray.state import checkpoint as ckpt
 from dqd_ray.state.rundir import (  # RunDirInUse: what a second `run`/`resume` raises
     RunDirInUse,  # noqa: F401
@@ -84,23 +85,6 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
             out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
         return out
     return [] if a == b else [f"{prefix[:-1]}: run has {a!r}, requested {b!r}"]
-
-
-def init_ray(address: str | None = None, num_cpus: int | None = None,
-             runtime_env: dict | None = None) -> None:
-    """Joins ``address`` (or ``RAY_ADDRESS``), else starts a local Ray; no-op
-    when Ray is already initialized (inside a Tune trial, in tests)."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if address:
-        ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
-    else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
-                 runtime_env=runtime_env)
 
 
 class RunFailed(RuntimeError):
@@ -340,8 +324,7 @@ class Experiment:
             state, self._state = self._state, None
         elif self.resume_state is not None:  # read and checked before anything starts
             state = ckpt.load_checkpoint(*self.resume_state)
-        if self.backend == "ray":
-            init_ray(self.address, self.num_cpus)
+        make_placement(self.backend, cfg.resources).connect(self.address, self.num_cpus)
         system = make_system(cfg, self.backend, self.torch_threads, self.run_dir)
         start_iter, self.wall_s = 0, 0.0
         if state is not None:

@@ -61,6 +61,7 @@ def _refuse_work(monkeypatch):
     import dqd_ray.analysis.show
     import dqd_ray.envs
     import dqd_ray.loop
+    import dqd_ray.runtime.placement
 
     def started(name):
         def fail(*args, **kwargs):
@@ -68,6 +69,7 @@ def _refuse_work(monkeypatch):
         return fail
 
     for module, name in [(dqd_ray.envs, "make_env"), (dqd_ray.loop, "init_ray"),
+                         (dqd_ray.runtime.placement, "init_ray"),
                          (dqd_ray.loop.Experiment, "create"), (dqd_ray.loop.Experiment, "resume"),
                          (dqd_ray.analysis.results, "render_elite"),
                          (dqd_ray.analysis.results, "load_run"),

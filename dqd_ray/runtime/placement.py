@@ -3,9 +3,27 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from dqd_ray.roles.replay_actor import ReplayActorSampler, ReplaySink
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None,
+             runtime_env: dict | None = None) -> None:
+    """Joins ``address`` (or ``RAY_ADDRESS``), else starts a local Ray; no-op
+    when Ray is already initialized (inside a Tune trial, in tests)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if address:
+        ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
+                 runtime_env=runtime_env)
 
 
 class _Done:
@@ -32,6 +50,9 @@ class InProcess:
                   "evaluate one after another (same numbers as on Ray, no parallelism)")
         _warn_ray_only_fields(cfg.resources)
         return n_workers, gpus
+
+    def connect(self, address: str | None = None, num_cpus: int | None = None) -> None:
+        """Nothing to connect to in process."""
 
     def free_cpus(self) -> float | None:
         return None
@@ -108,6 +129,10 @@ class OnRay:
         from dqd_ray.runtime.resources import resolve_on_ray
 
         return resolve_on_ray(cfg)
+
+    def connect(self, address: str | None = None, num_cpus: int | None = None) -> None:
+        """Joins ``address`` or starts a local Ray (see :func:`init_ray`)."""
+        init_ray(address, num_cpus)
 
     def free_cpus(self) -> float | None:
         import ray
