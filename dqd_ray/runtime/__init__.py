@@ -8,20 +8,28 @@
   autoscaler request, a Tune trial's bundles);
 - ``evaluator.py``: evaluations spread over the rollout workers;
 - ``learners.py``: the learner group and its fault handling.
+
+The names below are imported on first use: a rollout worker's process that
+needs only ``waits`` (through the replay sink) never imports the builder, and
+so neither torch nor pyribs.
 """
 
-from dqd_ray.runtime.builder import EvaluationPool, System, build
-from dqd_ray.runtime.learners import LearnerGroup
-from dqd_ray.runtime.placement import InProcess, OnRay
-from dqd_ray.runtime.resources import (
-                                       GPUUnavailableError,
-                                       ResourceError,
-                                       Seeds,
-                                       algorithm_needs,
-                                       evaluations_per_iteration,
-                                       resolve_resources,
-)
+from __future__ import annotations
 
-__all__ = ["EvaluationPool", "GPUUnavailableError", "InProcess", "LearnerGroup", "OnRay",
-           "ResourceError", "Seeds", "System", "algorithm_needs", "build",
-           "evaluations_per_iteration", "resolve_resources"]
+import importlib
+
+_PUBLIC = {
+    "EvaluationPool": "builder", "System": "builder", "build": "builder",
+    "LearnerGroup": "learners", "InProcess": "placement", "OnRay": "placement",
+    "GPUUnavailableError": "resources", "ResourceError": "resources", "Seeds": "resources",
+    "algorithm_needs": "resources", "evaluations_per_iteration": "resources",
+    "resolve_resources": "resources",
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'dqd_ray.runtime' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"dqd_ray.runtime.{_PUBLIC[name]}"), name)
