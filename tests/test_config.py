@@ -390,7 +390,7 @@ def test_paper_presets_reach_the_emitters_they_build(preset, env_id):
     from ribs.emitters.opt._cma_es import CMAEvolutionStrategy
     from ribs.emitters.opt._gradient_ascent_opt import GradientAscentOpt
 
-    from dqd_ray.algorithms.pga_me import PolicyGradientEmitter
+    from dqd_ray.algorithms.pga_me_emitter import PolicyGradientEmitter
 
     cfg = build_config(preset, sets=[f"env.id={env_id}"])
     sched, x0 = _built_scheduler(cfg)
@@ -421,7 +421,7 @@ def test_paper_presets_reach_the_emitters_they_build(preset, env_id):
         assert abs(batch[:50].std() - 0.005) < 0.0005 and abs(batch[50:].std() - 0.02) < 0.002
         assert abs(batch.mean()) < 1e-3
     elif preset == "me_es":
-        from dqd_ray.algorithms.me_es import MEESEmitter
+        from dqd_ray.algorithms.me_es_emitter import MEESEmitter
 
         assert len(emitters) == 1 and isinstance(emitters[0], MEESEmitter)
         e = emitters[0]

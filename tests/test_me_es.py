@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dqd_ray.algorithms.me_es import MEESConfig, MEESEmitter, fold, novelty, unfold
+from dqd_ray.algorithms.me_es import MEESConfig
+from dqd_ray.algorithms.me_es_emitter import MEESEmitter, fold, novelty, unfold
 from dqd_ray.config import build_config
 from dqd_ray.roles.policy import PolicySpec
 from dqd_ray.roles.rollout import RolloutWorker

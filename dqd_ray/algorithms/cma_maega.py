@@ -3,12 +3,15 @@ Fontaine & Nikolaidis 2023); results are kept in a separate plain archive."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
 from dqd_ray.algorithms import cma_mega
-from dqd_ray.algorithms.base import BuildContext, MaskedScheduler
+from dqd_ray.algorithms.base import BuildContext
+
+if TYPE_CHECKING:
+    from dqd_ray.algorithms.scheduler import MaskedScheduler
 
 
 class CMAMAEGAConfig(cma_mega.CMAMEGAConfig):
@@ -28,6 +31,8 @@ evaluations_per_iteration = cma_mega.evaluations_per_iteration
 
 
 def build_scheduler(cfg, ctx: BuildContext) -> MaskedScheduler:
+    from dqd_ray.algorithms.scheduler import MaskedScheduler
+
     archive_seed, result_seed, *emitter_seeds = ctx.seeds(2 + cfg.num_emitters)
     tmin = ctx.qd_offset if cfg.threshold_min is None else cfg.threshold_min
     archive = ctx.archive(archive_seed, learning_rate=cfg.archive_learning_rate,
@@ -37,5 +42,5 @@ def build_scheduler(cfg, ctx: BuildContext) -> MaskedScheduler:
                            result_archive=result)
 
 
-STATE_CLASSES, STATE_ARRAYS = cma_mega.STATE_CLASSES, cma_mega.STATE_ARRAYS
+state_classes = cma_mega.state_classes
 PRESETS = {"cma_maega_td3": {"algorithm": {"name": "cma_maega", "gradients": "td3"}}}

@@ -3,15 +3,16 @@ gradients from TD3 critics, evolution strategies or both (Tjanaka et al. 2022)."
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, field_validator, model_validator
-from ribs.emitters import GradientArborescenceEmitter
-from ribs.emitters.opt import _adam_opt, _cma_es, _gradient_ascent_opt, _sep_cma_es
 
-from dqd_ray.algorithms.base import AlgorithmSettings, BuildContext, MaskedScheduler, Needs
+from dqd_ray.algorithms.base import AlgorithmSettings, BuildContext, Needs
 from dqd_ray.presets import PAPER, merge
 from dqd_ray.state.statecodec import ArraySpec
+
+if TYPE_CHECKING:
+    from dqd_ray.algorithms.scheduler import MaskedScheduler
 
 
 class CMAMEGAConfig(AlgorithmSettings):
@@ -88,6 +89,8 @@ def evaluations_per_iteration(cfg, needs: Needs) -> int:
 
 
 def emitters(cfg, archive, ctx: BuildContext, seeds: list[int]) -> list:
+    from ribs.emitters import GradientArborescenceEmitter
+
     return [
         GradientArborescenceEmitter(
             archive, x0=ctx.x0, sigma0=cfg.sigma0, lr=cfg.lr, grad_opt="gradient_ascent",
@@ -99,24 +102,34 @@ def emitters(cfg, archive, ctx: BuildContext, seeds: list[int]) -> list:
 
 
 def build_scheduler(cfg, ctx: BuildContext) -> MaskedScheduler:
+    from dqd_ray.algorithms.scheduler import MaskedScheduler
+
     archive_seed, *emitter_seeds = ctx.seeds(1 + cfg.num_emitters)
     archive = ctx.archive(archive_seed)
     return MaskedScheduler(archive, emitters(cfg, archive, ctx, emitter_seeds))
 
 
-STATE_CLASSES = (GradientArborescenceEmitter, _cma_es.CMAEvolutionStrategy,
-                 _cma_es.DecompMatrix, _sep_cma_es.SeparableCMAEvolutionStrategy,
-                 _sep_cma_es.DiagonalMatrix, _gradient_ascent_opt.GradientAscentOpt,
-                 _adam_opt.AdamOpt)
-_ES_ARRAYS = {"_solutions": ArraySpec("f", (None, "solution_dim")),
+# Arrays of a CMA-ES that are None until it runs.
+CMA_ARRAYS = {"_solutions": ArraySpec("f", (None, "solution_dim")),
               "mean": ArraySpec("f", ("solution_dim",)), "pc": ArraySpec("f", ("solution_dim",)),
               "ps": ArraySpec("f", ("solution_dim",))}
-STATE_ARRAYS = {
-    GradientArborescenceEmitter: {"_jacobian_batch": ArraySpec(
-        "f", (None, "_num_coefficients", "_solution_dim"))},
-    _cma_es.CMAEvolutionStrategy: _ES_ARRAYS,
-    _sep_cma_es.SeparableCMAEvolutionStrategy: _ES_ARRAYS,
-}
+
+
+def state_classes() -> tuple[tuple, dict]:
+    """What a CMA-MEGA checkpoint may hold: its emitters, their CMA-ES and optimizers."""
+    from ribs.emitters import GradientArborescenceEmitter
+    from ribs.emitters.opt import _adam_opt, _cma_es, _gradient_ascent_opt, _sep_cma_es
+
+    classes = (GradientArborescenceEmitter, _cma_es.CMAEvolutionStrategy, _cma_es.DecompMatrix,
+               _sep_cma_es.SeparableCMAEvolutionStrategy, _sep_cma_es.DiagonalMatrix,
+               _gradient_ascent_opt.GradientAscentOpt, _adam_opt.AdamOpt)
+    arrays = {
+        GradientArborescenceEmitter: {"_jacobian_batch": ArraySpec(
+            "f", (None, "_num_coefficients", "_solution_dim"))},
+        _cma_es.CMAEvolutionStrategy: CMA_ARRAYS,
+        _sep_cma_es.SeparableCMAEvolutionStrategy: CMA_ARRAYS,
+    }
+    return classes, arrays
 
 # The paper's CMA-MEGA (official gin files, config/algorithms/cma_mega*.gin).
 _PAPER_CMA_MEGA = {"name": "cma_mega", "num_emitters": 1, "sigma0": 1.0, "lr": 1.0,

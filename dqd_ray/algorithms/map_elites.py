@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
-from ribs.emitters import GaussianEmitter
 
-from dqd_ray.algorithms.base import AlgorithmSettings, BuildContext, MaskedScheduler, Needs
+from dqd_ray.algorithms.base import AlgorithmSettings, BuildContext, Needs
+
+if TYPE_CHECKING:
+    from dqd_ray.algorithms.scheduler import MaskedScheduler
 from dqd_ray.presets import PAPER, merge
 
 
@@ -31,6 +33,10 @@ def evaluations_per_iteration(cfg, needs: Needs) -> int:
 
 
 def build_scheduler(cfg, ctx: BuildContext) -> MaskedScheduler:
+    from ribs.emitters import GaussianEmitter
+
+    from dqd_ray.algorithms.scheduler import MaskedScheduler
+
     archive_seed, emitter_seed = ctx.seeds(2)
     archive = ctx.archive(archive_seed)
     # An empty archive: x0 + N(0, sigma^2); afterwards an elite + N(0, sigma^2).
@@ -39,7 +45,12 @@ def build_scheduler(cfg, ctx: BuildContext) -> MaskedScheduler:
     return MaskedScheduler(archive, [emitter])
 
 
-STATE_CLASSES = (GaussianEmitter,)
+def state_classes() -> tuple[tuple, dict]:
+    from ribs.emitters import GaussianEmitter
+
+    return (GaussianEmitter,), {}
+
+
 PRESETS = {"map_elites": merge(PAPER, {
     "iterations": 10000,
     "algorithm": {"name": "map_elites", "sigma": 0.02, "batch_size": 100},

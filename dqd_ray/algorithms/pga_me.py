@@ -3,14 +3,16 @@ variation of elites up a TD3 fitness critic, whose greedy actor joins each batch
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import numpy as np
 from pydantic import Field
-from ribs.emitters import EmitterBase, IsoLineEmitter
 
-from dqd_ray.algorithms.base import AlgorithmSettings, BuildContext, MaskedScheduler, Needs
+from dqd_ray.algorithms.base import AlgorithmSettings, BuildContext, Needs
 from dqd_ray.presets import PAPER, merge
+from dqd_ray.state import statecodec
+
+if TYPE_CHECKING:
+    from dqd_ray.algorithms.scheduler import MaskedScheduler
 
 
 class PGAMEConfig(AlgorithmSettings):
@@ -35,44 +37,6 @@ class PGAMEConfig(AlgorithmSettings):
 Config = PGAMEConfig
 
 
-class PolicyGradientEmitter(EmitterBase):
-    """Asks for the greedy actor and ``batch_size - 1`` PG-varied random elites.
-
-    The emitter only chooses the parents: after :meth:`ask`, :attr:`greedy_rows`
-    and :attr:`vary_rows` say which rows of its batch the coordinator replaces
-    with the learner's greedy actor and with PG variants of the parents. While
-    the archive is empty it returns ``x0 + N(0, init_sigma^2)`` and asks for
-    nothing.
-    """
-
-    def __init__(self, archive, x0, init_sigma: float, batch_size: int, seed: int | None = None):
-        x0 = np.asarray(x0, archive.dtypes["solution"])
-        EmitterBase.__init__(self, archive, solution_dim=len(x0), bounds=None,
-                             lower_bounds=None, upper_bounds=None)
-        self._rng = np.random.default_rng(seed)
-        self._x0 = x0
-        self._init_sigma = float(init_sigma)
-        self._batch_size = int(batch_size)
-        self.greedy_rows = np.zeros(0, np.int64)
-        self.vary_rows = np.zeros(0, np.int64)
-
-    @property
-    def batch_size(self) -> int:
-        return self._batch_size
-
-    def ask(self) -> np.ndarray:
-        n, d = self._batch_size, self.solution_dim
-        if self.archive.empty:
-            self.greedy_rows = np.zeros(0, np.int64)
-            self.vary_rows = np.zeros(0, np.int64)
-            noise = self._rng.normal(scale=self._init_sigma, size=(n, d))
-            return (self._x0[None] + noise).astype(self.archive.dtypes["solution"])
-        parents = self.archive.sample_elites(n - 1)["solution"]
-        self.greedy_rows = np.array([0])
-        self.vary_rows = np.arange(1, n)
-        return np.concatenate([self._x0[None], parents]).astype(self.archive.dtypes["solution"])
-
-
 def needs(cfg, measure_dim: int) -> Needs:
     return Needs(critic_objectives=(0,), pg_variation=True, critic_updates=True)
 
@@ -82,6 +46,11 @@ def evaluations_per_iteration(cfg, needs: Needs) -> int:
 
 
 def build_scheduler(cfg, ctx: BuildContext) -> MaskedScheduler:
+    from ribs.emitters import IsoLineEmitter
+
+    from dqd_ray.algorithms.pga_me_emitter import PolicyGradientEmitter
+    from dqd_ray.algorithms.scheduler import MaskedScheduler
+
     archive_seed, iso_seed, pg_seed = ctx.seeds(3)
     archive = ctx.archive(archive_seed)
     iso = IsoLineEmitter(archive, iso_sigma=cfg.iso_sigma, line_sigma=cfg.line_sigma,
@@ -90,7 +59,17 @@ def build_scheduler(cfg, ctx: BuildContext) -> MaskedScheduler:
     return MaskedScheduler(archive, [iso, pg])
 
 
-STATE_CLASSES = (PolicyGradientEmitter, IsoLineEmitter)
+def state_classes() -> tuple[tuple, dict]:
+    from ribs.emitters import IsoLineEmitter
+
+    from dqd_ray.algorithms.pga_me_emitter import PolicyGradientEmitter
+
+    # Checkpoints written before the emitter moved to its own module name it here.
+    statecodec.allow_old_name("dqd_ray.algorithms.pga_me.PolicyGradientEmitter",
+                              PolicyGradientEmitter)
+    return (PolicyGradientEmitter, IsoLineEmitter), {}
+
+
 PRESETS = {"pga_me": merge(PAPER, {
     "iterations": 10000,
     "algorithm": {"name": "pga_me", "iso_sigma": 0.005, "line_sigma": 0.05,

@@ -11,9 +11,12 @@ An algorithm is a module (or any object) that declares everything about itself:
 - ``first_half_evaluations(cfg, needs) -> int`` (optional, default 0): what is
   evaluated before the gradients are needed (theta and its ES samples), for
   ``bench iteration``'s projection;
-- ``STATE_CLASSES`` (optional): the classes its checkpoint state may hold, and
-  ``STATE_ARRAYS`` (optional): ``{class: {attribute: ArraySpec}}`` for arrays
+- ``state_classes() -> (classes, arrays)`` (optional): the classes its
+  checkpoint state may hold, and ``{class: {attribute: ArraySpec}}`` for arrays
   that are None on a freshly built object (see :mod:`dqd_ray.state.statecodec`);
+  called the first time a checkpoint is written or read, so that declaring an
+  algorithm imports no pyribs (the config imports every algorithm's settings).
+  ``STATE_CLASSES`` and ``STATE_ARRAYS`` say the same eagerly;
 - ``PRESETS`` (optional): ``{preset: settings overrides}``, and
   ``PAPER_PRESETS``: which of them hold a paper's settings.
 
@@ -66,6 +69,18 @@ def _no_first_half(cfg, needs: Needs) -> int:
     return 0
 
 
+def _declare_state(source: Any) -> None:
+    """Puts the classes ``source`` declares on the checkpoint allowlist."""
+    if hasattr(source, "state_classes"):
+        classes, arrays = source.state_classes()
+    else:
+        classes = getattr(source, "STATE_CLASSES", ())
+        arrays = getattr(source, "STATE_ARRAYS", {})
+    statecodec.allow(*classes)
+    for cls, specs in arrays.items():
+        statecodec.expect(cls, **specs)
+
+
 def register(source: Any) -> Algorithm:
     """Registers the algorithm ``source`` declares (a module, a class, a namespace).
 
@@ -101,9 +116,7 @@ def register(source: Any) -> Algorithm:
     if unknown:
         raise ValueError(f"PAPER_PRESETS of {name} names presets it does not declare: {unknown}")
 
-    statecodec.allow(*getattr(source, "STATE_CLASSES", ()))
-    for cls, arrays in getattr(source, "STATE_ARRAYS", {}).items():
-        statecodec.expect(cls, **arrays)
+    statecodec.allow_later(lambda: _declare_state(source))
     algorithm = Algorithm(
         name=name, config=config, needs=source.needs, build_scheduler=source.build_scheduler,
         evaluations_per_iteration=source.evaluations_per_iteration,

@@ -32,7 +32,8 @@ from typing import Any, Callable
 import numpy as np
 
 from dqd_ray import algorithms
-from dqd_ray.algorithms import BuildContext, MaskedScheduler  # noqa: F401 (re-export)
+from dqd_ray.algorithms import BuildContext
+from dqd_ray.algorithms.scheduler import MaskedScheduler
 from dqd_ray.metrics import COUNTERS, PhaseTimer
 from dqd_ray.roles.es_gradients import ESGradient
 from dqd_ray.state import statecodec

@@ -47,6 +47,7 @@ class StateError(ValueError):
 
 
 _ALLOWED: dict[str, type] = {}
+_LATER: list = []  # declarations that import their classes when first needed
 
 
 def allow(*classes: type) -> None:
@@ -55,7 +56,25 @@ def allow(*classes: type) -> None:
         _ALLOWED[f"{cls.__module__}.{cls.__qualname__}"] = cls
 
 
+def allow_old_name(name: str, cls: type) -> None:
+    """Keeps a class that moved on the allowlist under its old ``module.Name`` too,
+    so checkpoints written before the move still load (as ``cls``)."""
+    _ALLOWED[name] = cls
+
+
+def allow_later(declare) -> None:
+    """``declare()`` calls :func:`allow` and :func:`expect` the first time the
+    allowlist is needed (so that declaring costs no import of pyribs)."""
+    _LATER.append(declare)
+
+
+def _declared() -> None:
+    while _LATER:
+        _LATER.pop(0)()
+
+
 def allowed_names() -> list[str]:
+    _declared()
     return sorted(_ALLOWED)
 
 
@@ -77,6 +96,7 @@ def _is_store(obj) -> bool:
 
 def encode(obj: Any) -> tuple[Any, dict[str, np.ndarray]]:
     """Returns ``(tree, arrays)``; ``tree`` is JSON-able, ``arrays`` go to an npz."""
+    _declared()
     arrays: dict[str, np.ndarray] = {}
     seen: dict[int, str] = {}
     tree = _enc(obj, "root", arrays, seen)
@@ -216,6 +236,7 @@ def validate(tree: Any, arrays: dict[str, np.ndarray]) -> None:
     Raises:
         StateError: Naming the first offending node.
     """
+    _declared()
     try:
         _check(tree, arrays, "root", 0)
     except StateError:
@@ -351,6 +372,7 @@ def check_fits(fresh: Any, tree: Any, arrays: dict[str, np.ndarray]) -> None:
     Raises:
         StateError: Naming the attribute path and the mismatch.
     """
+    _declared()
     _fits(fresh, tree, arrays, "root", None, None)
 
 
@@ -446,7 +468,7 @@ def _fits(fresh, node, arrays: dict, path: str, owner, spec: ArraySpec | None) -
     elif _class_name(fresh) in _ALLOWED:
         if kind != "__object__":
             raise StateError(f"{path}: {desc} in place of a {_class_name(fresh)}")
-        if node["__object__"] != _class_name(fresh):
+        if _ALLOWED.get(node["__object__"]) is not type(fresh):
             raise StateError(f"{path}: a {node['__object__']} in place of a "
                              f"{_class_name(fresh)}")
         specs = _SPECS.get(_class_name(fresh), {})

@@ -1,0 +1,59 @@
+"""The scheduler every algorithm builds: pyribs' Scheduler that inserts only
+the solutions marked valid."""
+
+from __future__ import annotations
+
+import numpy as np
+from ribs.schedulers import Scheduler
+
+
+class MaskedScheduler(Scheduler):
+    """A pyribs Scheduler that inserts only the solutions marked valid.
+
+    Invalid rows get ``status 0`` and the lowest value, so emitters rank them
+    last; their (placeholder) objective and measures never enter an archive.
+    """
+
+    valid_mask: np.ndarray | None = None
+
+    def _add_to_archives(self, data):
+        mask = self.valid_mask
+        if mask is None or mask.all():
+            return super()._add_to_archives(data)
+        n = len(mask)
+        status = np.zeros(n, np.int32)
+        value = np.full(n, -1e30)
+        if mask.any():
+            sub = {k: None if v is None else v[mask] for k, v in data.items()}
+            info = self.archive.add(**sub)
+            if self._result_archive is not None:
+                self._result_archive.add(**sub)
+            status[mask] = info["status"]
+            value[mask] = info["value"]
+            value[~mask] = min(float(np.min(info["value"])), 0.0) - 1e6
+        return {"status": status, "value": value}
+
+    def replace_batch(self, solutions: np.ndarray) -> None:
+        """Makes ``solutions`` the batch the next :meth:`tell` inserts, in place of
+        what :meth:`ask` returned: rows the coordinator filled (the greedy actor,
+        PG variants of elites) go into the archive as evaluated, not their parents."""
+        if self._last_called != "ask":
+            raise RuntimeError("replace_batch() belongs between ask() and tell()")
+        solutions = np.asarray(solutions, self.archive.dtypes["solution"])
+        if solutions.shape != np.shape(self._cur_solutions):
+            raise ValueError(f"replacement batch has shape {solutions.shape}, the asked "
+                             f"batch {np.shape(self._cur_solutions)}")
+        self._cur_solutions = solutions
+
+    def tell(self, objective, measures, **fields):
+        mask = self.valid_mask
+        if mask is not None and not mask.any() and self.archive.empty:
+            # Nothing to rank and nothing to restart from: an emitter's
+            # no-improvement restart would sample an elite from the empty
+            # archive (IndexError in pyribs). Skip the emitters' update; they
+            # sample again from the same distribution next iteration.
+            if self._last_called != "ask":
+                raise RuntimeError("tell() was called without calling ask().")
+            self._last_called = "tell"
+            return
+        super().tell(objective, measures, **fields)
