@@ -293,6 +293,23 @@ def _checkpoints(exp: Path) -> list[Path]:
     return list(exp.glob("*/checkpoint_*")) if exp.exists() else []
 
 
+def _checkpoints_in_tune_state(exp: Path) -> int:
+    """Trials whose checkpoint Tune's driver has processed and synced to storage
+    (a row of the trial's progress.csv names it). A checkpoint directory alone
+    is not enough: a trial writes it before the driver records it, and an
+    interrupt in between leaves a trial that Tune restarts from scratch."""
+    import csv
+
+    done = 0
+    for progress in exp.glob("*/progress.csv") if exp.exists() else []:
+        try:
+            rows = list(csv.DictReader(progress.open()))
+        except (OSError, csv.Error):
+            continue
+        done += any(row.get("checkpoint_dir_name") for row in rows)
+    return done
+
+
 @pytest.mark.slow
 def test_interrupted_sweep_resumes_without_restarting_trials(ray_session, tmp_path):
     path = write_sweep(tmp_path / "s.yaml", param_space={"seed": {"grid_search": [0, 1]}})
@@ -305,8 +322,8 @@ def test_interrupted_sweep_resumes_without_restarting_trials(ray_session, tmp_pa
                             stderr=subprocess.STDOUT, text=True)
     exp = tmp_path / "storage" / "t"
     try:
-        _wait_for(lambda: len({c.parent for c in _checkpoints(exp)}) == 2, 300,
-                  "both trials to checkpoint")
+        _wait_for(lambda: _checkpoints_in_tune_state(exp) == 2, 300,
+                  "both trials' checkpoints in Tune's state")
     finally:
         proc.send_signal(signal.SIGINT)
         out = proc.communicate(timeout=180)[0]
