@@ -41,7 +41,8 @@ bench: $(STAMP)
 # The five paper algorithms on QD Ant at one evaluation budget (about 45 minutes
 # on 2 cores; docs/algorithms.md's comparison table).
 bench-quality: $(STAMP)
-	$(BIN)/dqd-ray bench quality --evaluations 2000 --seeds 0 1 --robustness-episodes 3 \
+	$(BIN)/dqd-ray bench quality --presets cma_mega_es cma_mega_td3_es pga_me me_es map_elites \
+		--evaluations 2000 --seeds 0 1 --robustness-episodes 3 \
 		--out runs/quality_ant --json runs/bench_quality.json
 
 # Mutation testing of the core modules against the fast test tier (see README).

@@ -187,7 +187,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
         sphere.run(dim=args.dim, iterations=args.iterations, function=args.function,
                    seed=args.seed, json_path=args.json, compare_map_elites=args.map_elites,
-                   selection_rule=args.selection_rule, report_every=args.report_every)
+                   selection_rule=args.selection_rule, report_every=args.report_every,
+                   compare_cma_mae=args.cma_mae)
         return 0
     if args.bench == "system":
         from dqd_ray.bench import system
@@ -352,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     b_sph.add_argument("--seed", type=int, default=0)
     b_sph.add_argument("--selection-rule", choices=["mu", "filter"], default="mu")
     b_sph.add_argument("--map-elites", action="store_true", help="also run MAP-Elites")
+    b_sph.add_argument("--cma-mae", action="store_true",
+                       help="also run CMA-MAE (sep-CMA-ES) at the same budget")
     b_sph.add_argument("--report-every", type=int, default=1000)
     b_sph.add_argument("--json", default=None)
     b_sys = bsub.add_parser("system", help="rollout actors on Ray vs a single process")

@@ -332,6 +332,10 @@ PRESET_SETS = {
     "cma_mega_es": ["algorithm.batch_size=4"], "cma_maega_td3": ["algorithm.batch_size=4"],
     "pga_me": PGA_TINY, "map_elites": ["algorithm.batch_size=6"],
     "me_es": ["algorithm.num_pairs=3", "algorithm.consecutive_steps=2"],
+    "cma_maega_td3_es": ["algorithm.batch_size=4"],
+    "sep_cma_mae": ["algorithm.num_emitters=2", "algorithm.batch_size=4"],
+    "lm_ma_mae": ["algorithm.num_emitters=2", "algorithm.batch_size=4"],
+    "openai_mae": ["algorithm.num_emitters=2", "algorithm.batch_size=4"],
 }
 
 

@@ -25,7 +25,12 @@ PRESET_EXPECTATIONS = {
     "pga_me": ("pga_me", None, True, False),
     "map_elites": ("map_elites", None, False, False),
     "me_es": ("me_es", None, False, False),
+    "cma_maega_td3_es": ("cma_maega", "td3_es", True, True),
+    "sep_cma_mae": ("cma_mae", None, False, False),
+    "lm_ma_mae": ("cma_mae", None, False, False),
+    "openai_mae": ("cma_mae", None, False, False),
 }
+MAE_ENGINES = {"sep_cma_mae": "sep_cma_es", "lm_ma_mae": "lm_ma_es", "openai_mae": "openai_es"}
 
 
 @pytest.mark.parametrize("preset", sorted(PRESET_EXPECTATIONS))
@@ -60,6 +65,8 @@ def _evaluations_per_iteration(cfg) -> int:
         return a.iso_batch_size + a.pg_batch_size
     if a.name == "me_es":
         return 2 * a.num_pairs + a.eval_episodes
+    if a.name == "cma_mae":
+        return a.num_emitters * a.batch_size
     return a.batch_size
 
 
@@ -94,6 +101,15 @@ def test_paper_presets_match_the_official_configuration(preset, env_id):
         assert a.es_engine == "cma_es"
         assert (cfg.es.sigma, cfg.es.num_samples) == (0.02, 100)
         assert per_iteration == 200 and cfg.iterations == 5000
+    if preset in MAE_ENGINES:  # the scaling paper's config/algorithms/*_mae.gin
+        assert (a.name, a.es_engine, a.num_emitters, a.batch_size) == \
+            ("cma_mae", MAE_ENGINES[preset], 5, 40)
+        assert (a.sigma0, a.ranker, a.selection_rule, a.restart_rule) == \
+            (0.02, "imp", "mu", "basic")
+        assert a.archive_learning_rate == 0.001 and a.threshold_min is None  # the QD offset
+        assert (a.mirror_sampling, a.adam_lr, a.adam_l2_coeff) == (True, 0.01, 0.005)
+        assert per_iteration == 200 and cfg.iterations == 5000
+        assert not needs.critic_objectives and not needs.es_rows and not needs.dqd
     if preset == "cma_mega_td3_es":
         assert a.batch_size == 98 and needs.greedy_insert
         assert needs.critic_objectives == (0,) and needs.learner_rows == (0,)
@@ -433,8 +449,45 @@ def test_paper_presets_reach_the_emitters_they_build(preset, env_id):
         mean, std = e.obs_stats()  # no observation yet: the identity normalization
         assert not mean.any() and (std == 1.0).all()
         assert sched.ask().shape == (0, len(x0))  # asks for no batch: it steps itself
+    elif preset in MAE_ENGINES:
+        _assert_mae_scheduler(sched, x0, MAE_ENGINES[preset], qd_offset=0.0)
     else:
         assert len(emitters) == 1 and isinstance(emitters[0], GaussianEmitter)
         assert emitters[0]._sigma == 0.02 and emitters[0].batch_size == 100
         batch = sched.ask() - x0
         assert batch.shape == (100, len(x0)) and abs(batch.std() - 0.02) < 0.002
+
+
+def _assert_mae_scheduler(sched, x0, engine: str, qd_offset: float) -> None:
+    """The scaling paper's CMA-MAE, read off the built pyribs objects."""
+    import numpy as np
+    from ribs.emitters import EvolutionStrategyEmitter
+    from ribs.emitters.opt import (
+        LMMAEvolutionStrategy,
+        OpenAIEvolutionStrategy,
+        SeparableCMAEvolutionStrategy,
+    )
+    from ribs.emitters.rankers import ImprovementRanker
+
+    engines = {"sep_cma_es": SeparableCMAEvolutionStrategy, "lm_ma_es": LMMAEvolutionStrategy,
+               "openai_es": OpenAIEvolutionStrategy}
+    archive, result = sched.archive, sched.result_archive
+    assert archive.learning_rate == 0.001 and archive.threshold_min == qd_offset
+    assert result is not None and result is not archive
+    assert result.learning_rate == 1.0 and result.threshold_min == -np.inf  # best per cell
+    assert len(sched.emitters) == 5
+    for e in sched.emitters:
+        assert isinstance(e, EvolutionStrategyEmitter) and e.archive is archive
+        assert isinstance(e._opt, engines[engine]) and isinstance(e._ranker, ImprovementRanker)
+        assert (e.batch_size, e._sigma0, e._selection_rule, e._restart_rule) == \
+            (40, 0.02, "mu", "basic")
+        np.testing.assert_array_equal(e.x0, x0)  # all start from one x0
+        if engine == "openai_es":
+            assert e._opt.mirror_sampling
+            assert (e._opt.adam_opt._lr, e._opt.adam_opt._l2_coeff) == (0.01, 0.005)
+    batch = sched.ask()
+    assert batch.shape == (200, len(x0))
+    assert abs((batch - x0).std() - 0.02) < 0.002  # sigma0 around x0
+    # Five emitters with their own seeds: five different first batches.
+    firsts = {batch[i * 40].tobytes() for i in range(5)}
+    assert len(firsts) == 5

@@ -31,6 +31,10 @@ PRESET_TINY = {
     # Two ES steps per run: iterations 1-2 exploit, 3 explores from a drawn cell.
     "me_es": ["algorithm.num_pairs=3", "algorithm.consecutive_steps=2",
               "algorithm.obs_collect_prob=0.5"],
+    "cma_maega_td3_es": ["algorithm.batch_size=4"],
+    "sep_cma_mae": ["algorithm.num_emitters=2", "algorithm.batch_size=4"],
+    "lm_ma_mae": ["algorithm.num_emitters=2", "algorithm.batch_size=4"],
+    "openai_mae": ["algorithm.num_emitters=2", "algorithm.batch_size=4"],
 }
 COMMON = [
     "env.episode_length=50", "td3.batch_size=32", "metrics.robustness_episodes=2",

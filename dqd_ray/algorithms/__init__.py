@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import inspect
 
-from dqd_ray.algorithms import cma_maega, cma_mega, map_elites, me_es, pga_me
+from dqd_ray.algorithms import cma_mae, cma_maega, cma_mega, map_elites, me_es, pga_me
 from dqd_ray.algorithms.base import AlgorithmSettings, BuildContext, Needs
 from dqd_ray.algorithms.registry import (
     ALGORITHMS,
@@ -49,7 +49,7 @@ def _common_state() -> None:
 
 statecodec.allow_later(_common_state)
 
-for _module in (cma_mega, cma_maega, pga_me, map_elites, me_es):
+for _module in (cma_mega, cma_maega, pga_me, map_elites, me_es, cma_mae):
     register(_module)
 
 

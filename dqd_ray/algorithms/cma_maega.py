@@ -9,6 +9,7 @@ from pydantic import Field
 
 from dqd_ray.algorithms import cma_mega
 from dqd_ray.algorithms.base import BuildContext
+from dqd_ray.presets import merge
 
 if TYPE_CHECKING:
     from dqd_ray.algorithms.scheduler import MaskedScheduler
@@ -43,4 +44,11 @@ def build_scheduler(cfg, ctx: BuildContext) -> MaskedScheduler:
 
 
 state_classes = cma_mega.state_classes
-PRESETS = {"cma_maega_td3": {"algorithm": {"name": "cma_maega", "gradients": "td3"}}}
+PRESETS = {
+    # Our own variants: all-TD3 gradients; and the paper's CMA-MEGA (TD3, ES) settings
+    # over the annealed archive of the MAE presets (learning rate 0.001, empty cells
+    # at the env's QD offset).
+    "cma_maega_td3": {"algorithm": {"name": "cma_maega", "gradients": "td3"}},
+    "cma_maega_td3_es": merge(cma_mega.PRESETS["cma_mega_td3_es"], {"algorithm": {
+        "name": "cma_maega", "archive_learning_rate": 0.001, "threshold_min": None}}),
+}
