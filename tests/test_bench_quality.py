@@ -46,6 +46,13 @@ def test_bench_quality_runs_every_preset_on_one_budget_and_writes_its_table(ray_
     for tag in ("evaluations", "wall_time"):
         with Image.open(out / f"quality_QDHalfCheetah_{tag}.png") as im:
             assert im.size == (1500, 400)
+    # One archive picture per family: map_elites's better seed of the two.
+    best = max(runs, key=lambda r: r["qd_score"])
+    assert runs[0]["family"] == "map_elites"
+    assert f"({best['preset']} seed {best['seed']})" in printed
+    assert data["plots"][-1].endswith("archive_QDHalfCheetah_map_elites.png")
+    with Image.open(out / "archive_QDHalfCheetah_map_elites.png") as im:
+        assert im.size[0] > 300
     assert data["paper_qd_ant_1m_x1e6_read_from_plot"]["me_es"] == 0.54
 
 

@@ -58,6 +58,35 @@ def curves_of(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
              "metrics": load_run(r["run_dir"], need_archive=False).metrics} for r in runs]
 
 
+def archive_pictures(runs: list[dict[str, Any]], root: Path) -> list[str]:
+    """One archive heatmap per env and algorithm family: the family's run with
+    the highest QD score, all of an env's pictures on one colour scale (from the
+    lowest to the highest elite fitness among the runs drawn)."""
+    from dqd_ray.analysis.results import load_run
+    from dqd_ray.analysis.show import archive_png
+
+    written = []
+    for env_id in dict.fromkeys(r["env"] for r in runs):
+        best: dict[str, dict] = {}
+        for r in runs:
+            if r["env"] == env_id and r["qd_score"] is not None and (
+                    r["family"] not in best or r["qd_score"] > best[r["family"]]["qd_score"]):
+                best[r["family"]] = r
+        loaded = {fam: load_run(r["run_dir"]) for fam, r in best.items()}
+        loaded = {fam: run for fam, run in loaded.items() if len(run.archive["objective"])}
+        if not loaded:
+            continue
+        vmin = min(float(run.archive["objective"].min()) for run in loaded.values())
+        vmax = max(float(run.archive["objective"].max()) for run in loaded.values())
+        tag = env_id.replace("BulletEnv-v0", "")
+        for fam, run in loaded.items():
+            path = root / f"archive_{tag}_{fam}.png"
+            archive_png(run, path, vmin=vmin, vmax=vmax)
+            written.append(str(path))
+            print(f"wrote {path} ({best[fam]['preset']} seed {best[fam]['seed']})")
+    return written
+
+
 def run(env_ids: tuple[str, ...] = ("QDAntBulletEnv-v0",),
         presets: tuple[str, ...] | None = None,
         evaluations: int = 20000, seeds: tuple[int, ...] = (0, 1), sets: list[str] | None = None,
@@ -93,6 +122,7 @@ def run(env_ids: tuple[str, ...] = ("QDAntBulletEnv-v0",),
                 iterations = math.ceil(evaluations / per_it) + 1  # the budget binds first
                 cfg = build_config(preset, sets=base + [f"iterations={iterations}"])
                 plan.append((env_id, preset, seed, cfg))
+    family = {preset: cfg.algorithm.name for _, preset, _, cfg in plan}
     root = Path(out) if out else Path("runs") / time.strftime("quality_%Y%m%d-%H%M%S")
     root.mkdir(parents=True, exist_ok=True)
     init_ray(num_cpus=num_cpus)
@@ -105,7 +135,8 @@ def run(env_ids: tuple[str, ...] = ("QDAntBulletEnv-v0",),
         t0 = time.perf_counter()
         summary = Experiment.create(cfg, run_dir, backend="ray").run()
         final = summary.get("final") or {}
-        row = {"env": env_id, "preset": preset, "seed": seed, "run_dir": str(run_dir),
+        row = {"env": env_id, "preset": preset, "family": family[preset], "seed": seed,
+               "run_dir": str(run_dir),
                "wall_s": time.perf_counter() - t0, "evaluations": final.get("evaluations"),
                "iterations": final.get("iteration"), "env_steps": final.get("env_steps"),
                **{k: final.get(k) for k in METRICS[:-1]}, "mean_robustness": None}
@@ -154,6 +185,7 @@ def run(env_ids: tuple[str, ...] = ("QDAntBulletEnv-v0",),
             viz.curves(curve_runs, x, path)
             plots.append(str(path))
             print(f"wrote {path}")
+    plots += archive_pictures(runs, root)
     payload = {"bench": "quality", "machine": machine_info(), "evaluations": evaluations,
                "seeds": list(seeds), "sets": sets, "robustness_episodes": robustness_episodes,
                "runs": runs, "table": table, "plots": plots, "out": str(root),
