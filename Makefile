@@ -38,12 +38,14 @@ bench: $(STAMP)
 	$(BIN)/dqd-ray bench learner --json runs/bench_learner.json
 	$(BIN)/dqd-ray bench iteration --json runs/bench_iteration.json
 
-# The five paper algorithms on QD Ant at one evaluation budget (about 45 minutes
+# Every preset on QD Hopper at one evaluation budget, 2 seeds (about 100 minutes
 # on 2 cores; docs/algorithms.md's comparison table).
 bench-quality: $(STAMP)
-	$(BIN)/dqd-ray bench quality --presets cma_mega_es cma_mega_td3_es pga_me me_es map_elites \
-		--evaluations 2000 --seeds 0 1 --robustness-episodes 3 \
-		--out runs/quality_ant --json runs/bench_quality.json
+	$(BIN)/dqd-ray bench quality --env QDHopperBulletEnv-v0 \
+		--presets cma_mega_es cma_mega_td3_es pga_me me_es map_elites \
+		sep_cma_mae lm_ma_mae openai_mae cma_mega_td3 cma_maega_td3 cma_maega_td3_es \
+		--evaluations 5000 --seeds 0 1 --robustness-episodes 2 \
+		--out runs/quality_hopper --json runs/bench_quality.json
 
 # Mutation testing of the core modules against the fast test tier (see README).
 mutation: $(STAMP)
