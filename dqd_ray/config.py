@@ -133,6 +133,13 @@ class TD3Config(_Strict):
     learning_starts: int = Field(
         256, ge=0, description="Transitions in the buffer before critics train."
     )
+    async_replay_ratio: float | None = Field(
+        None, gt=0, description="Async learners: at most this many sampled transitions "
+        "(updates x batch_size) per transition ever added to the buffer; past it a learner "
+        "waits for new experience. None: train as fast as it can (a learner with its own "
+        "GPU or CPUs). A cap keeps a learner that shares a machine with rollout workers "
+        "from taking their CPU."
+    )
     compile: bool = Field(
         False, description="torch.compile the update's critic and actor losses (forward "
         "and backward); measure it first with `dqd-ray bench learner --compile`."

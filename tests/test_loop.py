@@ -104,14 +104,16 @@ def test_evaluation_budget_stops_at_the_first_iteration_reaching_it(tmp_path):
 
 
 class Recorder:
-    """Wraps an in-process system's evaluator and keeps every result."""
+    """Wraps an in-process system's evaluator and keeps every result that may
+    reach an archive (not the ES samples, evaluated with ``record=False``)."""
 
     def __init__(self, evaluator):
         self.inner, self.calls = evaluator, []
 
-    def evaluate(self, genomes, seeds):
-        out = self.inner.evaluate(genomes, seeds)
-        self.calls.append((np.array(genomes), {k: np.array(v) for k, v in out.items()}))
+    def evaluate(self, genomes, seeds, record=True, **options):
+        out = self.inner.evaluate(genomes, seeds, record=record, **options)
+        if record:
+            self.calls.append((np.array(genomes), {k: np.array(v) for k, v in out.items()}))
         return out
 
 
@@ -130,6 +132,17 @@ def test_reported_archive_is_the_best_ever_per_cell_greedy_actor_included(preset
                     torch_threads=1)
     recorder = Recorder(system.coordinator.evaluator)
     system.coordinator.evaluator = recorder
+    # TD3-ES evaluates theta with its ES samples in one call; the samples only
+    # estimate gradients and reach no archive, so they are left out below.
+    samples: set[bytes] = set()
+    es_points = system.coordinator._es_points
+
+    def spy(thetas):
+        points, eps = es_points(thetas)
+        samples.update(p.tobytes() for p in points)
+        return points, eps
+
+    system.coordinator._es_points = spy
     try:
         history = [system.iteration() for _ in range(4)]
         result = system.coordinator.result_archive
@@ -137,6 +150,8 @@ def test_reported_archive_is_the_best_ever_per_cell_greedy_actor_included(preset
         for call, (genomes, out) in enumerate(recorder.calls):
             cells = result.index_of(out["measures"])
             for i in np.flatnonzero(out["valid"]):
+                if genomes[i].tobytes() in samples:
+                    continue
                 cell, f = int(cells[i]), float(out["fitness"][i])
                 if cell not in best or f > best[cell][0]:
                     best[cell] = (f, genomes[i], (call, int(i)))
@@ -229,6 +244,50 @@ def test_learner_background_thread_over_a_plain_buffer():
         time.sleep(0.05)
     learner.stop_async()
     assert learner.stats()["updates"] >= 30
+
+
+def test_async_replay_ratio_caps_updates_until_new_experience_arrives():
+    """``td3.async_replay_ratio``: with 500 transitions added and a ratio of 2,
+    16-transition batches stop at 1000 / 16 = 62.5 updates, plus at most the
+    chunk in flight (5 batches, the cap is checked per chunk); adding 500
+    more lets the learner go on to 125 (+5)."""
+    from dqd_ray.config import TD3Config
+    from dqd_ray.roles.policy import PolicySpec
+    from dqd_ray.roles.replay import ReplayBuffer
+
+    rng = np.random.default_rng(0)
+    replay = ReplayBuffer(3, 2, 2, 2000, seed=0)
+
+    def add(n):
+        replay.add({"obs": rng.normal(size=(n, 3)).astype(np.float32),
+                    "action": rng.uniform(-1, 1, (n, 2)).astype(np.float32),
+                    "reward": rng.normal(size=(n, 2)).astype(np.float32),
+                    "next_obs": rng.normal(size=(n, 3)).astype(np.float32),
+                    "terminated": np.zeros(n, np.float32)})
+
+    def updates_when_idle(at_least):
+        deadline = time.time() + 60
+        while learner.stats()["updates"] < at_least and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # time for more updates, were the cap not binding
+        return learner.stats()["updates"]
+
+    add(500)
+    cfg = TD3Config(critic_hidden_sizes=[16], batch_size=16, learning_starts=10,
+                    async_replay_ratio=2.0)
+    learner = Learner(PolicySpec(3, 2, [8]), 2, cfg, replay, seed=0)
+    learner.start_async(batches_per_pull=5)
+    try:
+        first = updates_when_idle(63)
+        assert 63 <= first <= 63 + 5, first
+        assert updates_when_idle(first) == first  # waiting for data, not training
+        add(500)
+        second = updates_when_idle(125)
+        assert 125 <= second <= 125 + 5, second
+    finally:
+        learner.stop_async()
+    with pytest.raises(ValueError, match="async_replay_ratio"):
+        TD3Config(async_replay_ratio=0)
 
 
 # -- stopping and resuming -------------------------------------------------------------

@@ -299,7 +299,8 @@ def test_async_learners_train_on_ray(ray_session, tmp_path):
     out = tmp_path / "run"
     assert main(["run", "--preset", "cma_mega_td3", "--out", str(out),
                  *sets("iterations=5", "checkpoint.every=2", "env.episode_length=100",
-                       "resources.learner_mode=async", "resources.num_learners=2")]) == 0
+                       "resources.learner_mode=async", "resources.num_learners=2",
+                       "td3.async_replay_ratio=8")]) == 0
     metrics = read_metrics(out)
     updates = [m["critic_updates_total"] for m in metrics]
     assert updates[-1] > updates[1] > 0, updates
@@ -307,9 +308,13 @@ def test_async_learners_train_on_ray(ray_session, tmp_path):
     assert all(np.isfinite(metrics[-1]["critic_loss_per_objective"]))
     states = [ckpt.load_checkpoint(p, ckpt.verify(p)) for p in
               ckpt.list_checkpoints(out / "checkpoints")[:2]]  # iterations 2 and 4
+    added = [s["replay"]["total_added"] for s in states]
     for i in range(2):  # each learner
         a, b = states[0]["learners"][i], states[1]["learners"][i]
         assert b["updates"] > a["updates"] > 0
+        # The cap (checked per 50-batch chunk) held at both checkpoints.
+        for st, n in ((a, added[0]), (b, added[1])):
+            assert st["updates"] * 32 <= 8 * n + 50 * 32, (st["updates"], n)
         assert all(not torch.equal(a["critic"][k], b["critic"][k]) for k in a["critic"])
 
 

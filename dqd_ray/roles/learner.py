@@ -178,7 +178,7 @@ class Learner:
         try:
             pending = None
             while not self._stop.is_set():
-                if not self.ready():
+                if not self.ready() or self._over_ratio():
                     time.sleep(0.05)
                     continue
                 if pending is None:
@@ -191,6 +191,15 @@ class Learner:
                     self.train_on({k: v[i:i + 1] for k, v in batches.items()})
         except BaseException as err:  # surfaced by stats()
             self._error = err
+
+    def _over_ratio(self) -> bool:
+        """Async mode with ``async_replay_ratio``: the updates so far have sampled
+        that many transitions per transition added (checked once per chunk)."""
+        ratio = getattr(self.cfg, "async_replay_ratio", None)
+        if ratio is None:
+            return False
+        added = int(self.sampler.stats()["total_added"])
+        return self.ensemble.updates * self.cfg.batch_size >= ratio * added
 
     def _pull(self, n: int) -> Callable[[], dict]:
         """Starts fetching ``n`` batches; the returned callable gives them.

@@ -108,6 +108,9 @@ class ReplayActorSampler(_ReplayClient):
     def size(self) -> int:
         return self._get(self.replay.size.remote(), "size")
 
+    def stats(self) -> dict:
+        return self._get(self.replay.stats.remote(), "stats")
+
     def sample(self, batch_size: int, num_batches: int, seed: int | None = None) -> dict:
         return self._get(self.replay.sample.remote(batch_size, num_batches, seed), "sample")
 
