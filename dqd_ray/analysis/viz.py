@@ -146,21 +146,25 @@ def curves(runs: list[dict], x: str, path):
     for run in runs:
         groups.setdefault(run["group"], []).append(run)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    if len(groups) > len(colours):  # one colour per group, and dashes past tab10's ten
+        colours = list(plt.get_cmap("tab20").colors)
+    styles = ["-", "--"]
     for ax, (key, name) in zip(axes, CURVE_KEYS):
         for gi, (group, members) in enumerate(groups.items()):
             colour = colours[gi % len(colours)]
+            style = styles[(gi // 10) % 2] if len(groups) > 10 else "-"
             series = [_series(r["metrics"], x, key) for r in members]
             series = [s for s in series if len(s[0])]
             if not series:
                 continue
             if len(series) == 1:
-                ax.plot(*series[0], color=colour, label=members[0]["label"])
+                ax.plot(*series[0], color=colour, linestyle=style, label=members[0]["label"])
                 continue
             end = min(s[0][-1] for s in series)
             start = max(s[0][0] for s in series)
             grid = np.linspace(start, end, 200) if end > start else np.array([end])
             ys = np.stack([np.interp(grid, sx, sy) for sx, sy in series])
-            ax.plot(grid, ys.mean(axis=0), color=colour,
+            ax.plot(grid, ys.mean(axis=0), color=colour, linestyle=style,
                     label=f"{group} (mean of {len(series)} seeds)")
             ax.fill_between(grid, ys.min(axis=0), ys.max(axis=0), color=colour, alpha=0.2,
                             linewidth=0)
