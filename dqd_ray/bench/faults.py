@@ -45,9 +45,6 @@ SMALL = [
     "td3.critic_hidden_sizes=[32,32]", "td3.jacobian_states=32", "td3.learning_starts=32",
     "td3.replay_capacity=20000", "resources.envs_per_worker=2", "resources.num_learners=1",
     "logging.progress_bar=false", "metrics.robustness_every=0",
-    # The async learner waits for new experience past 8 sampled transitions per
-    # transition added, instead of taking one of the machine's cores throughout.
-    "td3.async_replay_ratio=8",
 ]
 # How the roles are placed on the test cluster (the same fields as on a real one).
 PLACED = [
