@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
-from dqd_ray.algorithms import cma_mega
+from dqd_ray.algorithms import cma_maega, cma_mega
 from dqd_ray.algorithms.base import AlgorithmSettings, BuildContext, Needs
 from dqd_ray.presets import PAPER, merge
 from dqd_ray.state.statecodec import ArraySpec
@@ -93,11 +93,7 @@ def build_scheduler(cfg, ctx: BuildContext) -> MaskedScheduler:
 
     from dqd_ray.algorithms.scheduler import MaskedScheduler
 
-    archive_seed, result_seed, *emitter_seeds = ctx.seeds(2 + cfg.num_emitters)
-    tmin = ctx.qd_offset if cfg.threshold_min is None else cfg.threshold_min
-    archive = ctx.archive(archive_seed, learning_rate=cfg.archive_learning_rate,
-                          threshold_min=tmin)
-    result = ctx.archive(result_seed)
+    archive, result, emitter_seeds = cma_maega.annealed_archives(cfg, ctx)
     emitters = [
         EvolutionStrategyEmitter(
             archive, x0=ctx.x0, sigma0=cfg.sigma0, ranker=cfg.ranker, es=cfg.es_engine,

@@ -31,14 +31,21 @@ first_half_evaluations = cma_mega.first_half_evaluations
 evaluations_per_iteration = cma_mega.evaluations_per_iteration
 
 
-def build_scheduler(cfg, ctx: BuildContext) -> MaskedScheduler:
-    from dqd_ray.algorithms.scheduler import MaskedScheduler
-
+def annealed_archives(cfg, ctx: BuildContext):
+    """The annealed archive (``archive_learning_rate``, empty cells at
+    ``threshold_min``, default the env's QD offset), the result archive and the
+    emitters' seeds: ``(archive, result, emitter_seeds)``."""
     archive_seed, result_seed, *emitter_seeds = ctx.seeds(2 + cfg.num_emitters)
     tmin = ctx.qd_offset if cfg.threshold_min is None else cfg.threshold_min
     archive = ctx.archive(archive_seed, learning_rate=cfg.archive_learning_rate,
                           threshold_min=tmin)
-    result = ctx.archive(result_seed)
+    return archive, ctx.archive(result_seed), emitter_seeds
+
+
+def build_scheduler(cfg, ctx: BuildContext) -> MaskedScheduler:
+    from dqd_ray.algorithms.scheduler import MaskedScheduler
+
+    archive, result, emitter_seeds = annealed_archives(cfg, ctx)
     return MaskedScheduler(archive, cma_mega.emitters(cfg, archive, ctx, emitter_seeds),
                            result_archive=result)
 
