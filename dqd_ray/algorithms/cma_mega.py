@@ -9,6 +9,7 @@ from pydantic import Field, field_validator, model_validator
 
 from dqd_ray.algorithms.base import AlgorithmSettings, BuildContext, Needs
 from dqd_ray.presets import PAPER, merge
+from dqd_ray.state import statecodec
 from dqd_ray.state.statecodec import ArraySpec
 
 if TYPE_CHECKING:
@@ -89,10 +90,10 @@ def evaluations_per_iteration(cfg, needs: Needs) -> int:
 
 
 def emitters(cfg, archive, ctx: BuildContext, seeds: list[int]) -> list:
-    from ribs.emitters import GradientArborescenceEmitter
+    from dqd_ray.algorithms.branch_emitter import BranchEmitter
 
     return [
-        GradientArborescenceEmitter(
+        BranchEmitter(
             archive, x0=ctx.x0, sigma0=cfg.sigma0, lr=cfg.lr, grad_opt="gradient_ascent",
             es=cfg.es_engine, selection_rule=cfg.selection_rule, restart_rule=cfg.restart_rule,
             normalize_grad=cfg.normalize_grad, batch_size=cfg.batch_size, seed=s,
@@ -120,11 +121,16 @@ def state_classes() -> tuple[tuple, dict]:
     from ribs.emitters import GradientArborescenceEmitter
     from ribs.emitters.opt import _adam_opt, _cma_es, _gradient_ascent_opt, _sep_cma_es
 
-    classes = (GradientArborescenceEmitter, _cma_es.CMAEvolutionStrategy, _cma_es.DecompMatrix,
+    from dqd_ray.algorithms.branch_emitter import BranchEmitter
+
+    # Checkpoints written before BranchEmitter hold pyribs' class: the same state.
+    statecodec.allow_old_name(f"{GradientArborescenceEmitter.__module__}."
+                              f"{GradientArborescenceEmitter.__qualname__}", BranchEmitter)
+    classes = (BranchEmitter, _cma_es.CMAEvolutionStrategy, _cma_es.DecompMatrix,
                _sep_cma_es.SeparableCMAEvolutionStrategy, _sep_cma_es.DiagonalMatrix,
                _gradient_ascent_opt.GradientAscentOpt, _adam_opt.AdamOpt)
     arrays = {
-        GradientArborescenceEmitter: {"_jacobian_batch": ArraySpec(
+        BranchEmitter: {"_jacobian_batch": ArraySpec(
             "f", (None, "_num_coefficients", "_solution_dim"))},
         _cma_es.CMAEvolutionStrategy: CMA_ARRAYS,
         _sep_cma_es.SeparableCMAEvolutionStrategy: CMA_ARRAYS,

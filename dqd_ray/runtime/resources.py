@@ -67,7 +67,8 @@ class ResourceError(RuntimeError):
 
 
 # Settings that place or size Ray actors: in process they have nothing to act on.
-RAY_ONLY_RESOURCES = ("cpus_per_worker", "cpus_per_learner", "rollout_resource",
+RAY_ONLY_RESOURCES = ("cpus_per_worker", "cpus_per_learner", "share_learner_cpus",
+                      "rollout_resource",
                       "learner_resource", "replay_resource", "pin_to_head",
                       "wait_for_resources_s", "call_timeout_s")
 
@@ -106,8 +107,33 @@ def _started_here() -> bool:
         return False
 
 
-def actor_bundles(cfg: ExperimentConfig, n_workers: int,
-                  gpus: float) -> tuple[list[dict], list[dict]]:
+def shares_learner_cpus(cfg: ExperimentConfig, gpus: float, in_trial: bool = False) -> bool:
+    """Whether the CPU learners share the rollout workers' cores (ask Ray for no
+    CPU) rather than reserve ``cpus_per_learner`` each: see
+    ``resources.share_learner_cpus``. ``in_trial``: sizing a Tune trial's bundles."""
+    r = cfg.resources
+    if gpus > 0 or not _num_learners(cfg):
+        return False
+    if r.share_learner_cpus is not None:
+        return bool(r.share_learner_cpus)
+    if in_trial or r.learner_mode != "sync":
+        return False
+    import ray
+
+    if not ray.is_initialized():  # in process: nothing asks Ray for anything
+        return False
+    return _placement_group_resources() is None and _started_here()
+
+
+def learner_cpus(cfg: ExperimentConfig, gpus: float, in_trial: bool = False) -> float:
+    """The CPUs each learner actor asks Ray for."""
+    if gpus > 0 or shares_learner_cpus(cfg, gpus, in_trial):
+        return 0.0
+    return float(cfg.resources.cpus_per_learner)
+
+
+def actor_bundles(cfg: ExperimentConfig, n_workers: int, gpus: float,
+                  in_trial: bool = False) -> tuple[list[dict], list[dict]]:
     """The resources each rollout worker and each learner actor asks for
     (``gpus`` per learner: 0 means CPU learners)."""
     r = cfg.resources
@@ -116,7 +142,7 @@ def actor_bundles(cfg: ExperimentConfig, n_workers: int,
     worker = {"CPU": float(r.cpus_per_worker)}
     if r.rollout_resource:
         worker[r.rollout_resource] = float(r.cpus_per_worker)
-    learner = {"GPU": float(gpus)} if gpus > 0 else {"CPU": float(r.cpus_per_learner)}
+    learner = {"GPU": float(gpus)} if gpus > 0 else {"CPU": learner_cpus(cfg, gpus, in_trial)}
     if r.learner_resource:
         learner[r.learner_resource] = 1.0
     return [dict(worker) for _ in range(n_workers)], [dict(learner) for _ in range(n_learners)]
@@ -129,7 +155,8 @@ def graph_bundles(cfg: ExperimentConfig, n_workers: int, gpus: float) -> list[di
     bundles = [*workers, *learners]
     if cfg.resources.replay_resource:
         bundles.append({cfg.resources.replay_resource: 1.0})
-    return [{k: v for k, v in b.items() if v > 0} for b in bundles]
+    bundles = [{k: v for k, v in b.items() if v > 0} for b in bundles]
+    return [b for b in bundles if b]  # a learner sharing the workers' cores asks for nothing
 
 
 def graph_needs(cfg: ExperimentConfig, n_workers: int, gpus: float) -> dict[str, float]:
@@ -227,10 +254,10 @@ def resolve_on_ray(cfg: ExperimentConfig) -> tuple[int, float]:
     # missing GPUs are waited for below like any other resource.
     joined = pg is None and not _started_here()
     gpus = _learner_gpus(cfg, res.get("GPU", 0), where, wait=joined)
-    learner_cpus = 0.0 if gpus > 0 else _num_learners(cfg) * r.cpus_per_learner
+    reserved = _num_learners(cfg) * learner_cpus(cfg, gpus)
     n = r.num_rollout_workers
     if n is None:
-        n = max(1, int((res.get("CPU", 1) - learner_cpus) / r.cpus_per_worker + 1e-9))
+        n = max(1, int((res.get("CPU", 1) - reserved) / r.cpus_per_worker + 1e-9))
     need = graph_needs(cfg, n, gpus)
     bundles = graph_bundles(cfg, n, gpus)
     missing = _missing(need, res)
@@ -319,7 +346,10 @@ def trial_bundles(cfg: ExperimentConfig, driver_cpus: float = 1.0) -> list[dict[
     head = {"CPU": float(driver_cpus)} if driver_cpus else {}
     if r.replay_resource:  # the replay buffer lives in the trial's own bundle
         head[r.replay_resource] = 1.0
-    workers, learners = actor_bundles(cfg, r.num_rollout_workers or 1, r.num_gpus_per_learner)
+    workers, learners = actor_bundles(cfg, r.num_rollout_workers or 1, r.num_gpus_per_learner,
+                                      in_trial=True)
+    # A learner that shares the workers' cores asks for nothing: no bundle of its own.
+    learners = [b for b in learners if any(v > 0 for v in b.values())]
     return [head, *workers, *learners]
 
 
