@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 
@@ -140,3 +142,25 @@ def test_centered_ranks_break_long_ties_by_order():
     ranks = centered_ranks(cols)
     np.testing.assert_allclose(ranks[:, 0], np.arange(40) / 39 - 0.5)
     np.testing.assert_allclose(ranks[:, 1], np.arange(40)[::-1] / 39 - 0.5)
+
+
+def test_directions_drawn_ahead_are_the_on_demand_draws_and_checkpoints_see_none():
+    from dqd_ray.roles.es_gradients import ESGradient
+
+    es = ESGradient(0.1, 6, seed=7)
+    ref = np.random.default_rng(7)
+    theta = np.linspace(-1, 1, 40)
+    for _ in range(3):  # each call draws the next one's directions ahead
+        points, eps = es.perturb(theta)
+        want = ref.standard_normal((3, 40))
+        np.testing.assert_array_equal(eps, want)
+        np.testing.assert_array_equal(points, np.concatenate([theta + 0.1 * want,
+                                                              theta - 0.1 * want]))
+    # A checkpoint stores the generator as if nothing was drawn ahead: a restored
+    # estimator continues with the same directions.
+    restored = ESGradient(0.1, 6, seed=0)
+    restored.set_rng(copy.deepcopy(es.checkpoint_rng()))
+    np.testing.assert_array_equal(restored.perturb(theta)[1], es.perturb(theta)[1])
+    # Directions drawn ahead for another size are undone, not skipped.
+    other = es.perturb(theta[:10])[1]
+    np.testing.assert_array_equal(other, restored.perturb(theta[:10])[1])

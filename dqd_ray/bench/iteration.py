@@ -7,12 +7,16 @@ while the branches are evaluated, a 65,536-state jacobian) on this machine's
 Ray. Each iteration is split into: theta and its ES samples, the jacobian,
 the branches (with the greedy actor), the wait for critic training after the
 branches, robustness, the coordinator's own work (ask/tell, CMA-ES, ES
-estimate) and, once, a checkpoint. ``overlap`` is the share of the learner's
-training time hidden behind the branch rollouts.
+estimate) and, once, a checkpoint. The critic updates start when staged, at the
+start of the iteration, and run through both halves (the learners answer the
+jacobian from the networks as staged): ``overlap`` is the share of their
+training time hidden, ``hidden_half_1`` and ``hidden_half_2`` the shares hidden
+behind each half.
 
 The projection, printed with its inputs::
 
-    T = I * (ceil(H1 / W) * t_ep + t_jac + max(ceil(H2 / W) * t_ep, t_train)
+    T = I * (ceil(H1 / W) * t_ep + t_jac + ceil(H2 / W) * t_ep
+             + max(0, t_train - (ceil(H1 / W) + ceil(H2 / W)) * t_ep - t_jac)
              + ceil(R / W) * t_ep + t_coord + t_ckpt / C)
 
 I iterations (evaluations / per-iteration evaluations), H1 and H2 the two
@@ -111,12 +115,18 @@ def run(preset: str = "cma_mega_td3_es", env_id: str = "QDAntBulletEnv-v0",
         done_updates = int(m.get("critic_updates", 0)) - prev_updates  # the counter is cumulative
         prev_updates = int(m.get("critic_updates", 0))
         train = m.get("critic_train_s")
+        # The updates start when staged and run through the first half (theta,
+        # its ES samples and the jacobian) and the second (the branches).
+        h1 = min(train, m["phase_theta_es_s"] + m["phase_jacobian_s"]) if train else 0.0
+        h2 = min(train - h1, m["phase_batch_s"]) if train else 0.0
         table.append({
             "iteration": i + 1, "total_s": m["iteration_s"],
             "theta_es_s": m["phase_theta_es_s"], "jacobian_s": m["phase_jacobian_s"],
             "batch_s": m["phase_batch_s"], "train_wait_s": m["train_s"],
             "critic_train_s": train if train is not None else float("nan"),
             "overlap": (1.0 - m["train_s"] / train) if train else float("nan"),
+            "hidden_half_1": h1 / train if train else float("nan"),
+            "hidden_half_2": h2 / train if train else float("nan"),
             "robustness_s": m["phase_robustness_s"], "stage_s": m.get("phase_stage_s", 0.0),
             "coordinator_s": m["phase_coordinator_s"],
             "evaluations": m["iteration_evaluations"], "env_steps": m["iteration_env_steps"],
@@ -125,8 +135,9 @@ def run(preset: str = "cma_mega_td3_es", env_id: str = "QDAntBulletEnv-v0",
     print(f"{preset} on {env_id}, {n_workers} rollout workers on {cpus:g} CPUs "
           f"(seconds per phase):")
     print_table(table, ["iteration", "total_s", "theta_es_s", "jacobian_s", "batch_s",
-                        "train_wait_s", "critic_train_s", "overlap", "robustness_s",
-                        "stage_s", "coordinator_s", "evaluations", "critic_updates"])
+                        "train_wait_s", "critic_train_s", "overlap", "hidden_half_1",
+                        "hidden_half_2", "robustness_s", "stage_s", "coordinator_s",
+                        "evaluations", "critic_updates"])
     print("(coordinator_s: everything else, staging the critic batches (stage_s) included; "
           f"the projection uses iterations {len(rows) - len(steady) + 1}-{len(rows)})")
     print(f"checkpoint: {t_ckpt:.2f} s, {ckpt_bytes / 1e6:.1f} MB")
@@ -175,16 +186,26 @@ def run(preset: str = "cma_mega_td3_es", env_id: str = "QDAntBulletEnv-v0",
         half1 = math.ceil(h1 / w) * t_ep if h1 else 0.0
         half2 = math.ceil(h2 / w) * t_ep
         rob = math.ceil(rob_per_it / w) * t_ep if rob_per_it else 0.0
-        per = (half1 + inputs["t_jac"] + max(half2, inputs["t_train"]) + rob
-               + inputs["t_coord"] + inputs["t_ckpt_per_iteration"])
+        # The updates run from the start of the first half to the end of the
+        # second; the jacobian comes from the networks as staged, meanwhile.
+        halves = half1 + inputs["t_jac"] + half2
+        exposed = max(0.0, inputs["t_train"] - halves)
+        per = halves + exposed + rob + inputs["t_coord"] + inputs["t_ckpt_per_iteration"]
+        t_train = inputs["t_train"]
         projections.append({"rollout_cpus": w, "iteration_s": per,
                             "hours": n_it * per / 3600.0,
-                            "training_hidden": inputs["t_train"] <= half2})
-    print("projection: T = I * (ceil(H1/W) t_ep + t_jac + max(ceil(H2/W) t_ep, t_train) "
-          "+ ceil(R/W) t_ep + t_coord + t_ckpt/C)")
+                            "train_exposed_s": exposed,
+                            "hidden_half_1": min(t_train, half1 + inputs["t_jac"]) / t_train
+                            if t_train else float("nan"),
+                            "hidden_half_2": min(max(0.0, t_train - half1 - inputs["t_jac"]),
+                                                 half2) / t_train if t_train else float("nan"),
+                            "training_hidden": exposed == 0.0})
+    print("projection: T = I * (ceil(H1/W) t_ep + t_jac + ceil(H2/W) t_ep "
+          "+ max(0, t_train - that) + ceil(R/W) t_ep + t_coord + t_ckpt/C)")
     for k, v in inputs.items():
         print(f"  {k} = {v:.4g}" if isinstance(v, float) else f"  {k} = {v}")
-    print_table(projections, ["rollout_cpus", "iteration_s", "hours", "training_hidden"])
+    print_table(projections, ["rollout_cpus", "iteration_s", "hours", "train_exposed_s",
+                              "hidden_half_1", "hidden_half_2", "training_hidden"])
     print(f"published: {PUBLISHED['hours']} h on {PUBLISHED['cpus']} CPUs and a "
           f"{PUBLISHED['gpu']} ({PUBLISHED['what']})")
     payload = {"benchmark": "iteration", "machine": machine_info(), "preset": preset,

@@ -5,13 +5,17 @@ and declares what it needs (:class:`~dqd_ray.algorithms.Needs`). One
 iteration, in sync learner mode:
 
 1. stage this iteration's critic updates (batches from the experience up to
-   the previous iteration);
+   the previous iteration) and start them: they train through both halves
+   of the iteration, while the learners answer this iteration's gradient
+   requests from the networks as they were when staged (see
+   :meth:`~dqd_ray.roles.learner.Learner.stage`), so the numbers are those
+   of the paper's order (updates during the branches, after the jacobian);
 2. DQD algorithms: ``ask_dqd`` -> evaluate theta (with its ES samples) ->
    gradient rows (critics, ES, or an exact jacobian) -> ``tell_dqd``;
 3. ``ask``; fill the rows emitters asked for (greedy actor, PG variants);
    add the greedy actor when the algorithm inserts it itself;
-4. start the critic updates, evaluate the batch meanwhile, insert the greedy
-   actor, ``tell`` the rest, wait for the updates;
+4. evaluate the batch, insert the greedy actor, ``tell`` the rest, wait for
+   the updates;
 5. robustness of the best elite when due; metrics.
 
 Algorithms whose emitters run their own generation (ME-ES, ``Needs.es_steps``)
@@ -216,18 +220,20 @@ class Coordinator:
         if self.needs.es_steps:
             metrics.update(self._es_generation(timer))             # 2-4, ME-ES
         else:
-            metrics.update(self._batch(timer, training))           # 3-4
+            metrics.update(self._batch(timer))                     # 3-4
         train_info = self._finish_training(training, timer)        # 4
         self.counters["iteration"] += 1
         self._after_iteration(timer)                               # 5
         return self._report(metrics, timer, train_info, steps0, evals0)
 
     def _stage_training(self, timer: PhaseTimer):
-        """Step 1: stage this iteration's critic updates (sync mode)."""
+        """Step 1: stage this iteration's critic updates and start them (sync mode)."""
         if not (self.td3_updates > 0 and self.needs.critic_updates):
             return None
         with timer("phase_stage_s"):
-            return self.learner.stage_training(self.td3_updates)
+            training = self.learner.stage_training(self.td3_updates)
+            training.start()
+        return training
 
     def _gradient_step(self, timer: PhaseTimer) -> dict:
         """Step 2: ``ask_dqd``, evaluate theta (and its ES samples), the gradient
@@ -272,8 +278,8 @@ class Coordinator:
                 metrics["mean_evaluation"] = float(fits.mean())
         return metrics
 
-    def _batch(self, timer: PhaseTimer, training) -> dict:
-        """Steps 3-4: ask, fill emitter requests, evaluate (critics train meanwhile), tell."""
+    def _batch(self, timer: PhaseTimer) -> dict:
+        """Steps 3-4: ask, fill emitter requests, evaluate, tell."""
         sched, needs, metrics = self.scheduler, self.needs, {}
         sols = sched.ask()
         with timer("gradient_s"):
@@ -283,8 +289,6 @@ class Coordinator:
             batch = sols
             if self.greedy:
                 batch = np.concatenate([np.asarray(self.learner.greedy_genome())[None], sols])
-        if training is not None:
-            training.start()
         with timer("rollout_s", "phase_batch_s"):
             out_b = self._evaluate(batch)
         g = 1 if self.greedy else 0
@@ -407,7 +411,7 @@ class Coordinator:
         tree, arrays = statecodec.encode({
             "scheduler": self.scheduler,
             "rng": self.rng,
-            "es_rng": None if self.es is None else self.es.rng,
+            "es_rng": None if self.es is None else self.es.checkpoint_rng(),
             "counters": dict(self.counters),
             "robustness": dict(self.robustness),
         })
@@ -423,7 +427,7 @@ class Coordinator:
         self.scheduler = out["scheduler"]
         self.rng = out["rng"]
         if self.es is not None and out["es_rng"] is not None:
-            self.es.rng = out["es_rng"]
+            self.es.set_rng(out["es_rng"])
         self.counters = {k: int(out["counters"].get(k, 0)) for k in COUNTERS}
         self.robustness = dict(out["robustness"])
 

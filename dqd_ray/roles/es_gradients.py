@@ -8,6 +8,8 @@ sum_i (r_i+ - r_i-) eps_i / (num_samples * sigma).
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 
@@ -37,13 +39,67 @@ class ESGradient:
             raise ValueError(f"sigma must be > 0, got {sigma}")
         self.sigma, self.num_samples = sigma, num_samples
         self.rng = np.random.default_rng(seed)
+        self._ahead: tuple | None = None  # (thread, result box, dim, rng state before)
 
     def perturb(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Returns ``(points (num_samples, D), eps (num_samples/2, D))``."""
+        """Returns ``(points (num_samples, D), eps (num_samples/2, D))``.
+
+        The directions of the next call (same ``D``) are drawn ahead in a
+        background thread, while the caller evaluates these points (numpy
+        draws without the GIL): the same draws from the same generator, in the
+        same order, so the same numbers as drawing on demand.
+        """
         half = self.num_samples // 2
-        eps = self.rng.standard_normal((half, theta.shape[0]))
-        points = np.concatenate([theta + self.sigma * eps, theta - self.sigma * eps])
+        dim = theta.shape[0]
+        eps = self._take(dim)
+        if eps is None:
+            eps = self.rng.standard_normal((half, dim))
+        self._draw_ahead(dim)
+        step = self.sigma * eps
+        points = np.concatenate([theta + step, theta - step])
         return points.astype(np.asarray(theta).dtype, copy=False), eps
+
+    def _draw_ahead(self, dim: int) -> None:
+        box: dict = {}
+        before = self.rng.bit_generator.state
+        shape = (self.num_samples // 2, dim)
+
+        def draw() -> None:
+            box["eps"] = self.rng.standard_normal(shape)
+
+        thread = threading.Thread(target=draw, name="es-directions", daemon=True)
+        thread.start()
+        self._ahead = (thread, box, dim, before)
+
+    def _take(self, dim: int) -> np.ndarray | None:
+        """The directions drawn ahead for ``dim`` (None: none; a drawing for
+        another ``dim`` is undone, the generator set back)."""
+        if self._ahead is None:
+            return None
+        thread, box, drawn_dim, before = self._ahead
+        self._ahead = None
+        thread.join()
+        if drawn_dim != dim or "eps" not in box:
+            self.rng.bit_generator.state = before
+            return None
+        return box["eps"]
+
+    def checkpoint_rng(self) -> np.random.Generator:
+        """The generator as if nothing had been drawn ahead (what a checkpoint
+        stores: a restored estimator draws the same directions on demand)."""
+        if self._ahead is None:
+            return self.rng
+        self._ahead[0].join()
+        gen = np.random.Generator(type(self.rng.bit_generator)())
+        gen.bit_generator.state = self._ahead[3]
+        return gen
+
+    def set_rng(self, rng: np.random.Generator) -> None:
+        """Replaces the generator (a restored state), dropping what was drawn ahead."""
+        if self._ahead is not None:
+            self._ahead[0].join()
+            self._ahead = None
+        self.rng = rng
 
     def estimate(self, eps: np.ndarray, values: np.ndarray) -> np.ndarray:
         """Gradient rows from the values at the perturbed points.

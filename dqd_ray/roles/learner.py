@@ -15,6 +15,8 @@ Two modes:
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import threading
 import time
 import uuid
@@ -30,6 +32,12 @@ from dqd_ray.roles.td3 import TD3Ensemble
 def pick_device(requested_gpus: float = 0.0) -> str:
     """``cuda`` when a GPU was requested (or assigned) and is visible, else ``cpu``."""
     return "cuda" if requested_gpus > 0 and torch.cuda.is_available() else "cpu"
+
+
+def learner_threads(cpus: float) -> int:
+    """Torch intra-op threads of a CPU learner that asks for ``cpus`` CPUs: one
+    per CPU, and one when it has a share of a core (or shares the workers')."""
+    return max(1, round(float(cpus)))
 
 
 def loss_metrics(stats: dict) -> dict:
@@ -77,7 +85,10 @@ class Learner:
             gradient states, so in sync mode a split group computes exactly
             what one learner would.
         objectives: Objectives owned by this learner (default: all).
-        torch_threads: Intra-op threads for torch (None keeps the default).
+        torch_threads: Intra-op threads for torch, set here in the actor's
+            process (None keeps torch's default). The builder passes
+            ``resources.torch_threads``, else for a CPU learner
+            :func:`learner_threads` of the CPUs it asks Ray for.
     """
 
     def __init__(self, policy_spec: PolicySpec, num_objectives: int, td3_cfg, sampler=None, *,
@@ -96,6 +107,7 @@ class Learner:
         self.rng = np.random.default_rng(seed)
         self.last_losses: dict = {}
         self._staged: dict | None = None
+        self._frozen: TD3Ensemble | None = None  # see stage()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -137,15 +149,45 @@ class Learner:
         return StagedTraining(lambda: self.train_staged(staged))
 
     def stage(self, num_updates: int) -> int:
-        """Samples and keeps the batches of ``num_updates`` updates; returns how many."""
+        """Samples and keeps the batches of ``num_updates`` updates; returns how many.
+
+        The networks as they are now are kept aside (:meth:`_frozen_view`): until
+        the next stage (or a state load), the jacobian, the greedy actor and PG
+        variation come from them, so the updates may run, and finish, while the
+        iteration asks for gradients, and the numbers are those of updates run
+        after it.
+        """
         self._staged = None
+        self._frozen = None
         if num_updates > 0 and self.ready():
             batches = self.sampler.sample(self.cfg.batch_size, num_updates, self._seed())
             if self.ensemble.device.type == "cuda":  # copied while the batch is evaluated
                 batches = self.ensemble.to_device(batches)
             self._staged = batches
+            with self._lock:
+                self._frozen = self._frozen_view()
             return num_updates
         return 0
+
+    def _frozen_view(self) -> TD3Ensemble:
+        """The ensemble with copies of its actor and critic networks (the
+        optimizers, targets and counters stay shared and are never used by
+        gradient requests)."""
+        view = copy.copy(self.ensemble)
+        view.actor = copy.deepcopy(self.ensemble.actor)
+        view.critic = copy.deepcopy(self.ensemble.critic)
+        return view
+
+    @contextlib.contextmanager
+    def _networks(self):
+        """The networks gradient requests use: the frozen copy while staged
+        updates train the live ones, else the live ones (under the lock)."""
+        frozen = self._frozen
+        if frozen is not None:
+            yield frozen
+            return
+        with self._lock:
+            yield self.ensemble
 
     def train_staged(self, staged: int | None = None) -> dict:
         """Trains on the batches :meth:`stage` kept (none staged: no update)."""
@@ -244,8 +286,8 @@ class Learner:
             if self.sampler is None or self.sampler.size() == 0:
                 raise RuntimeError("jacobian needs states: the replay buffer is empty")
             states = self.sampler.sample_states(self.cfg.jacobian_states, self._seed())
-        with self._lock:
-            return self.ensemble.jacobian(np.asarray(genomes, np.float32), states)
+        with self._networks() as nets:
+            return nets.jacobian(np.asarray(genomes, np.float32), states)
 
     def pg_variation(self, genomes: np.ndarray, steps: int, lr: float,
                      num_states: int) -> np.ndarray:
@@ -261,15 +303,14 @@ class Learner:
             raise RuntimeError("PG variation needs states: the replay buffer is empty")
         states = self.sampler.sample_states(steps * g * num_states, self._seed())
         states = np.asarray(states, np.float32).reshape(steps, g, num_states, -1)
-        with self._lock:
-            return self.ensemble.pg_variation(genomes, states, lr,
-                                              agent=self.objectives.index(0))
+        with self._networks() as nets:
+            return nets.pg_variation(genomes, states, lr, agent=self.objectives.index(0))
 
     def greedy_genome(self) -> np.ndarray:
         if 0 not in self.objectives:
             raise RuntimeError("this learner does not own the fitness agent")
-        with self._lock:
-            return self.ensemble.greedy_genome(self.objectives.index(0))
+        with self._networks() as nets:
+            return nets.greedy_genome(self.objectives.index(0))
 
     # -- probes ----------------------------------------------------------------
 
@@ -304,6 +345,7 @@ class Learner:
 
     def load_state_dict(self, state: dict) -> None:
         state = dict(state)
+        self._staged = self._frozen = None
         rng_state = state.pop("sample_rng", None)
         with self._lock:
             self.ensemble.load_state_dict(state)
