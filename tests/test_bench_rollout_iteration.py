@@ -10,7 +10,7 @@ import pytest
 from dqd_ray.cli import main
 
 
-def test_bench_rollout_writes_ratios_and_the_time_split(tmp_path, capsys):
+def test_bench_rollout_writes_ratios_and_the_time_split(ray_session, tmp_path, capsys):
     out = tmp_path / "rollout.json"
     assert main(["bench", "rollout", "--env", "QDHopperBulletEnv-v0", "--genomes", "2",
                  "--min-steps", "200", "--repeats", "1", "--json", str(out)]) == 0
@@ -19,11 +19,14 @@ def test_bench_rollout_writes_ratios_and_the_time_split(tmp_path, capsys):
     assert row["env"] == "QDHopperBulletEnv-v0" and row["steps"] >= 200
     assert row["ratio"] == pytest.approx(row["worker_steps_per_s"] / row["bare_steps_per_s"])
     assert 0 < row["ratio"] < 5 and row["physics_us"] > 0 and row["policy_us"] > 0
+    # The same episodes through Ray, streamed to a replay actor (the path a run takes).
+    assert 0 < row["ratio_streaming"] < 5 and 0 < row["ratio_4envs"] < 5
     for key in ("bare_reads_us", "env_python_us", "recording_us", "worker_loop_us",
                 "env_reset_ms", "bare_reset_ms"):
         assert key in row
-    assert data["goal_met"] == (row["ratio"] >= 0.8)
-    assert "goal (ratio >= 0.8 on every env)" in capsys.readouterr().out
+    worst = min(row["ratio"], row["ratio_4envs"], row["ratio_streaming"])
+    assert data["goal_met"] == (worst >= 0.8)
+    assert "goal (every path's ratio >= 0.8 on every env)" in capsys.readouterr().out
 
 
 @pytest.mark.slow

@@ -205,6 +205,27 @@ def test_gpu_fallback_and_strict(ray_session, capsys):
                                     "resources.strict_gpu=true"))
 
 
+def test_a_sync_learner_shares_the_rollout_cores_of_a_machine(ray_session):
+    """Every CPU steps robots: on a Ray this process started, a sync CPU learner
+    (it trains only inside each iteration) asks for no CPU and the default graph
+    has a rollout worker per CPU; an async one, or one told not to share,
+    reserves its core; a Tune trial's bundles reserve it unless told to share."""
+    import ray
+
+    from dqd_ray.runtime.resources import learner_cpus, resolve_resources, trial_bundles
+
+    cpus = int(ray.cluster_resources()["CPU"])
+    sync = build_config("cma_mega_td3", sets=["resources.learner_mode=sync"])
+    assert resolve_resources(sync) == (cpus, 0.0) and learner_cpus(sync, 0.0) == 0.0
+    for extra in ("resources.share_learner_cpus=false", "resources.learner_mode=async"):
+        cfg = build_config("cma_mega_td3", sets=["resources.learner_mode=sync", extra])
+        assert resolve_resources(cfg) == (cpus - 1, 0.0) and learner_cpus(cfg, 0.0) == 1.0
+    two = ["resources.learner_mode=sync", "resources.num_rollout_workers=2"]
+    assert trial_bundles(build_config("cma_mega_td3", sets=two), 1) == [{"CPU": 1.0}] * 4
+    shared = build_config("cma_mega_td3", sets=[*two, "resources.share_learner_cpus=true"])
+    assert trial_bundles(shared, 1) == [{"CPU": 1.0}] * 3  # no bundle for the learner
+
+
 def test_resume_refuses_conflicts_and_skips_broken_checkpoints(tmp_path):
     """Backend-independent checks of resume, in process for speed."""
     out = tmp_path / "run"

@@ -15,7 +15,12 @@ For each environment, in one run and alternating, median of the repeats:
 
 ``ratio`` is bare time / worker time (1.0: the rollout path costs nothing on
 top of the simulator); ``ratio_4envs`` the same episodes on a worker stepping
-4 envs in lockstep (the default ``resources.envs_per_worker``). The per-step
+4 envs in lockstep (the default ``resources.envs_per_worker``);
+``ratio_streaming`` the same episodes the way a run drives them (without
+``--no-stream``): a Ray rollout actor with 4 envs, fed chunks of 4 genomes,
+streaming every transition keyed per genome to a replay actor that commits
+them after the call, timed from the caller. The goal holds when every
+measured path reaches it. The per-step
 split times each part alone on the same data: physics (``stepSimulation``
 inside the bare loop), the bare loop's reads, the environment layer's own
 Python (env replay minus bare loop), policy forward, transition recording,
@@ -128,8 +133,52 @@ def _recording(spec: PolicySpec, measure_dim: int, episodes) -> float:
     return time.perf_counter() - start
 
 
+class _Streaming:
+    """The rollout path as a run drives it: a Ray rollout actor stepping 4 envs
+    in lockstep, fed chunks of 4 genomes (two calls queued, as the evaluator
+    does), streaming every transition, keyed per genome, to a replay actor that
+    commits them after the call (sync learner mode)."""
+
+    def __init__(self, env_id: str, spec: PolicySpec, episode_length: int):
+        import ray
+
+        from dqd_ray.roles.replay_actor import ReplayActor, ReplaySink
+        from dqd_ray.runtime.placement import init_ray
+
+        init_ray()
+        meta = ROBOTS[env_id]
+        self.replay = ray.remote(num_cpus=0)(ReplayActor).remote(
+            meta.obs_dim, meta.act_dim, 1 + meta.measure_dim, 200_000, seed=0)
+        self.worker = ray.remote(num_cpus=0)(RolloutWorker).remote(
+            env_id, spec, num_envs=4, episode_length=episode_length,
+            sink=ReplaySink(self.replay))
+        self.calls = 0
+
+    def evaluate(self, genomes: np.ndarray, seeds: np.ndarray) -> tuple[float, np.ndarray]:
+        import ray
+
+        ref = ray.put(np.ascontiguousarray(genomes, np.float32))
+        parts = [np.arange(i, min(i + 4, len(genomes))) for i in range(0, len(genomes), 4)]
+        self.calls += 1
+        t0 = time.perf_counter()
+        futures = [self.worker.evaluate_indices.remote(
+            ref, idx, seeds[idx], [(self.calls, int(i)) for i in idx]) for idx in parts]
+        out = ray.get(futures, timeout=600)
+        ray.get(self.replay.commit.remote(), timeout=600)
+        dt = time.perf_counter() - t0
+        length = np.concatenate([o["length"] for o in out])
+        return dt, length
+
+    def close(self) -> None:
+        import ray
+
+        for h in (self.worker, self.replay):
+            ray.kill(h)
+
+
 def bench_env(env_id: str, genomes: int = 8, repeats: int = 3, seed: int = 0,
-              episode_length: int = 1000, min_steps: int = 4000) -> dict[str, Any]:
+              episode_length: int = 1000, min_steps: int = 4000,
+              stream: bool = True) -> dict[str, Any]:
     meta = ROBOTS[env_id]
     spec = PolicySpec(meta.obs_dim, meta.act_dim)
     worker = RolloutWorker(env_id, spec, num_envs=1, episode_length=episode_length)
@@ -149,9 +198,15 @@ def bench_env(env_id: str, genomes: int = 8, repeats: int = 3, seed: int = 0,
     # The same episodes on a worker stepping 4 envs in lockstep (the default
     # resources.envs_per_worker): one batched policy forward per step.
     wide = RolloutWorker(env_id, spec, num_envs=4, episode_length=episode_length, sink=drop)
+    streaming = _Streaming(env_id, spec, episode_length) if stream else None
     t = {"worker": [], "worker_4envs": [], "bare": [], "physics": [], "bare_reset": [], "env": [],
-         "env_reset": [], "policy": [], "recording": []}
+         "env_reset": [], "policy": [], "recording": [], "streaming": []}
     for _ in range(repeats):
+        if streaming is not None:
+            dt, length = streaming.evaluate(gs, seeds)
+            t["streaming"].append(dt)
+            if not np.array_equal(length, res["length"]):
+                raise RuntimeError(f"{env_id}: episodes changed on the streaming path")
         t0 = time.perf_counter()
         again = worker.evaluate(gs, seeds)
         t["worker"].append(time.perf_counter() - t0)
@@ -173,13 +228,16 @@ def bench_env(env_id: str, genomes: int = 8, repeats: int = 3, seed: int = 0,
         t["recording"].append(_recording(spec, meta.measure_dim, episodes))
     worker.close()
     wide.close()
-    m = {k: statistics.median(v) for k, v in t.items()}
+    if streaming is not None:
+        streaming.close()
+    m = {k: statistics.median(v) if v else float("nan") for k, v in t.items()}
     us = 1e6 / steps
     row = {
         "env": env_id, "episodes": genomes, "steps": steps,
         "worker_steps_per_s": steps / m["worker"], "bare_steps_per_s": steps / m["bare"],
         "ratio": m["bare"] / m["worker"],
         "ratio_4envs": m["bare"] / m["worker_4envs"],
+        "ratio_streaming": m["bare"] / m["streaming"],
         "physics_us": m["physics"] * us,
         "bare_reads_us": (m["bare"] - m["physics"] - m["bare_reset"]) * us,
         "env_python_us": (m["env"] - m["env_reset"] - (m["bare"] - m["bare_reset"])) * us,
@@ -193,21 +251,25 @@ def bench_env(env_id: str, genomes: int = 8, repeats: int = 3, seed: int = 0,
 
 
 def run(env_ids: tuple[str, ...] = ENV_IDS, genomes: int = 8, repeats: int = 3, seed: int = 0,
-        min_steps: int = 4000, json_path: str | None = None) -> dict[str, Any]:
+        min_steps: int = 4000, stream: bool = True,
+        json_path: str | None = None) -> dict[str, Any]:
     rows = []
     for env_id in env_ids:
         row = bench_env(env_id, genomes=genomes, repeats=repeats, seed=seed,
-                        min_steps=min_steps)
+                        min_steps=min_steps, stream=stream)
         rows.append(row)
         print(f"  {env_id}: ratio {row['ratio']:.3f} ({row['steps']} steps)", flush=True)
     print(f"Rollout path vs bare pybullet loop (median of {repeats}; ratio = bare time / "
           f"worker time; per-step times in microseconds, resets in ms):")
     print_table(rows, ["env", "steps", "worker_steps_per_s", "bare_steps_per_s", "ratio",
-                       "ratio_4envs"])
+                       "ratio_4envs", "ratio_streaming"])
     print_table(rows, ["env", "physics_us", "bare_reads_us", "env_python_us", "policy_us",
                        "recording_us", "worker_loop_us", "env_reset_ms", "bare_reset_ms"])
-    met = {r["env"]: r["ratio"] >= GOAL for r in rows}
-    print(f"goal (ratio >= {GOAL} on every env): "
+    # The goal holds for the path a run takes: streaming when measured.
+    worst = {r["env"]: min(v for v in (r["ratio"], r["ratio_4envs"], r["ratio_streaming"])
+                           if v == v) for r in rows}
+    met = {k: v >= GOAL for k, v in worst.items()}
+    print(f"goal (every path's ratio >= {GOAL} on every env): "
           + ("met" if all(met.values()) else "NOT met: " + ", ".join(k for k, v in met.items()
                                                                     if not v)))
     payload = {"benchmark": "rollout", "machine": machine_info(), "goal_ratio": GOAL,
