@@ -41,9 +41,12 @@ def _clean(v: Any):
 
 class Sink:
     """A metric sink: ``log(metrics, archive=None, checkpoint=None)`` once per
-    iteration (``checkpoint``: the directory saved at this iteration, if any),
-    ``close()`` at the end. ``wants_archive`` says when ``log`` should get the
-    archive."""
+    iteration (``checkpoint``: the directory saved at this iteration, if any,
+    complete on disk: the loop waits for its background write before calling a
+    sink that uses it), ``close()`` at the end. ``wants_archive`` says when
+    ``log`` should get the archive. A sink that ignores ``checkpoint`` says so
+    (``uses_checkpoint = False``) and is not kept waiting for the write; any
+    other sink (Tune's report, a sink without the attribute) is."""
 
     def wants_archive(self, iteration: int) -> bool:
         return False
@@ -73,6 +76,8 @@ class JsonlSink(Sink):
 
 
 class ProgressSink(Sink):
+    uses_checkpoint = False
+
     def __init__(self, total: int, initial: int = 0, enabled: bool = True):
         self.bar = tqdm(total=total, initial=initial, disable=not enabled, unit="it",
                         dynamic_ncols=True)
@@ -117,6 +122,8 @@ class WandbSink(Sink):
             trial name and its sweep's name.
         extra_config: Merged into the logged config (a trial's sampled values).
     """
+
+    uses_checkpoint = False
 
     def __init__(self, run_dir: Path, cfg, run_id: str, dims, names, resume: bool = False,
                  ranges=None,

@@ -24,8 +24,17 @@ Run directory::
     RUN_DIR/wandb/            when logging.wandb is on
     RUN_DIR/.lock             while a process runs it (see rundir.RunLock)
 
+Checkpoints: the state is captured between two iterations and written in the
+background while the next one runs (:class:`~dqd_ray.state.writer.CheckpointWriter`),
+one write at a time; every way out of the loop waits for the write in flight,
+and a failed write stops the run naming the checkpoint. Metrics
+``checkpoint_capture_s`` (this iteration's capture, 0 without one) and
+``checkpoint_write_s`` (the newest background write that ended) say what they cost.
+
 Crash safety: iteration N's metrics line is written and fsynced before
-checkpoint N, so no checkpoint is ever ahead of the metrics; a resume from an
+checkpoint N is written, so no checkpoint is ever ahead of the metrics; a
+crash during a write leaves the previous checkpoint as the resume point; a
+sink given a checkpoint (Tune's report) gets it complete. A resume from an
 older checkpoint moves the lines past it to ``metrics.abandoned.jsonl``. A
 torn last metrics line (a crash in the middle of its write) is dropped with a
 warning; files that are rewritten (``config.yaml``, ``metrics.jsonl``,
@@ -61,6 +70,7 @@ from dqd_ray.state.rundir import (  # RunDirInUse: what a second `run`/`resume` 
     read_jsonl,
     torn_warning,
 )
+from dqd_ray.state.writer import WRITE_TIMEOUT_S, CheckpointWriter
 
 # Fields a resume may change; anything else must match the original run.
 RESUMABLE = ("iterations", "evaluations", "logging", "checkpoint")
@@ -167,6 +177,9 @@ def _under_lock(run_dir: Path, make):
 
 class Experiment:
     """One run directory and the loop that fills it."""
+
+    #: The longest wait for one background checkpoint write.
+    checkpoint_timeout_s: float = WRITE_TIMEOUT_S
 
     def __init__(self, cfg: ExperimentConfig, run_dir: Path, *, backend: Backend = "ray",
                  address: str | None = None, num_cpus: int | None = None,
@@ -293,11 +306,19 @@ class Experiment:
             return False
         return self.cfg.evaluations is None or m["evaluations"] < self.cfg.evaluations
 
-    def _save(self, system, iteration: int) -> Path:
+    def _capture(self, system, writer: CheckpointWriter) -> tuple[dict, float]:
+        """The run's state and the seconds its capture took, once the write in
+        flight (if any) has ended: at most one captured state waits in memory."""
+        writer.wait()
+        t0 = time.perf_counter()
         state = system.state(save_replay=self.cfg.checkpoint.save_replay)
         state["extra"] = {"wall_s": self.wall_s}
-        return ckpt.save_checkpoint(self.run_dir / "checkpoints", iteration, state,
-                                    self.cfg.model_dump(mode="json"), keep=self.cfg.checkpoint.keep)
+        return state, time.perf_counter() - t0
+
+    def _save(self, system, writer: CheckpointWriter, iteration: int) -> Path:
+        """Captures the state now and writes it in the background (see :meth:`_capture`)."""
+        state, capture_s = self._capture(system, writer)
+        return writer.submit(iteration, state, capture_s)
 
     def run(self, sinks: Sequence = ()) -> dict:
         """Iterates until the budget or a stop signal; returns the summary.
@@ -367,6 +388,10 @@ class Experiment:
         saved_at = start_iter
         interrupted = hard_stop = False
         failed: BaseException | None = None
+        writer = CheckpointWriter(self.run_dir / "checkpoints", cfg.model_dump(mode="json"),
+                                  keep=cfg.checkpoint.keep, timeout_s=self.checkpoint_timeout_s,
+                                  previous=start_iter or None)
+        self.checkpoint_writer = writer  # its records: capture and write seconds, bytes
         with GracefulStop() as stop:
             try:
                 system.start()
@@ -383,51 +408,90 @@ class Experiment:
                     last = m
                     wanted = any(s.wants_archive(m["iteration"]) for s in sinks)
                     archive = system.archive() if wanted else None
-                    # metrics.jsonl first (fsynced), then the checkpoint, then the sinks
-                    # that take it (Tune's report): a crash in between never leaves a
-                    # checkpoint whose iteration has no metrics line.
+                    state, capture_s = None, 0.0
+                    if m["iteration"] % cfg.checkpoint.every == 0:
+                        state, capture_s = self._capture(system, writer)
+                    m["checkpoint_capture_s"] = capture_s
+                    m["checkpoint_write_s"] = writer.last_write_s
+                    # metrics.jsonl first (fsynced), then the checkpoint (written in the
+                    # background), then the sinks that take it (Tune's report), once it
+                    # is complete: a crash in between never leaves a checkpoint whose
+                    # iteration has no metrics line.
                     first = [s for s in sinks if getattr(s, "before_checkpoint", False)]
                     for s in first:
                         s.log(m, archive, checkpoint=None)
                     saved = None
-                    if m["iteration"] % cfg.checkpoint.every == 0:
-                        saved = self._save(system, m["iteration"])
-                        saved_at = m["iteration"]
+                    if state is not None:
+                        saved = writer.submit(m["iteration"], state, capture_s)
+                        saved_at, state = m["iteration"], None
                     for s in sinks:
-                        if s not in first:
-                            s.log(m, archive, checkpoint=saved)
+                        if s in first:
+                            continue
+                        if saved is not None and getattr(s, "uses_checkpoint", True):
+                            writer.wait()  # raises if the write failed
+                        s.log(m, archive, checkpoint=saved)
             except KeyboardInterrupt:
                 # A second signal (or Ctrl-C where no handler could be installed):
-                # an iteration may be half done, so its state is not saved.
+                # an iteration may be half done, so its state is not saved. The
+                # write in flight (an earlier iteration's) is waited for.
                 interrupted = hard_stop = True
-                print(f"\nstopped at once; resume point: the checkpoint of iteration {saved_at}"
-                      if saved_at else "\nstopped at once; no checkpoint was written yet",
+                write_error = self._drain(writer)
+                done = writer.last_iteration
+                print(f"\nstopped at once; resume point: the checkpoint of iteration {done}"
+                      if done else "\nstopped at once; no checkpoint was written yet",
                       flush=True)
+                if write_error is not None:
+                    raise write_error from write_error.__cause__
             except Exception as err:
                 # A role failed or missed a deadline mid-iteration: its state is
                 # half an iteration, and a role may not answer at all, so nothing
-                # is saved or plotted; the last checkpoint stays the resume point.
+                # is saved or plotted; the last checkpoint written stays the resume
+                # point (the write in flight, if any, is waited for first).
                 failed = err
                 hard_stop = True
-                raise RunFailed(self._failure_message(err, saved_at)) from err
+                write_error = self._drain(writer)
+                stopped = RunFailed(self._failure_message(err, writer.last_iteration or 0))
+                if write_error is not None:
+                    stopped.add_note(str(write_error))
+                raise stopped from err
             finally:
                 interrupted = interrupted or stop.requested is not None
                 try:
-                    if (not hard_stop and last is not None and last["iteration"] != saved_at
-                            and "qd_score" in last):
-                        self._save(system, last["iteration"])
-                        saved_at = last["iteration"]
+                    try:
+                        if (not hard_stop and last is not None
+                                and last["iteration"] != saved_at and "qd_score" in last):
+                            self._save(system, writer, last["iteration"])
+                            saved_at = last["iteration"]
+                        # After a hard stop the roles may be mid-iteration: no archive
+                        # plot. The plot and GIF are made while the last checkpoint is
+                        # written.
+                        summary = self._summary(system, last, interrupted, plot=not hard_stop,
+                                                sinks=sinks, failed=failed)
+                    except BaseException as err:
+                        write_error = self._drain(writer)
+                        if write_error is not None:
+                            err.add_note(str(write_error))
+                        raise
+                    writer.close()  # raises if the last write failed
                     if interrupted and not hard_stop and saved_at:
                         print(f"checkpointed iteration {saved_at}; continue with "
                               f"`dqd-ray resume {self.run_dir}`", flush=True)
-                    # After a hard stop the roles may be mid-iteration: no archive plot.
-                    summary = self._summary(system, last, interrupted, plot=not hard_stop,
-                                            sinks=sinks, failed=failed)
                 finally:
                     for s in sinks:
                         s.close()
                     system.close()
         return summary
+
+    @staticmethod
+    def _drain(writer: CheckpointWriter) -> ckpt.CheckpointError | None:
+        """Waits for the write in flight (a stop on another error); returns
+        its failure, printed, for the caller to raise or attach."""
+        try:
+            writer.close()
+        except ckpt.CheckpointError as err:
+            print(f"\n{err}", flush=True)
+            return err
+        return None
 
     def _failure_message(self, err: BaseException, saved_at: int) -> str:
         from dqd_ray.runtime.waits import CallTimeoutError

@@ -33,8 +33,11 @@ ITERATION = ("mean_evaluation", "iteration_evaluations", "iteration_env_steps", 
 LOOP = ("wall_s", "env_steps_per_s", "evaluations_per_s", "critic_updates_per_s",
         "critic_updates_total", "time_rollout_s", "time_gradient_s", "time_train_s",
         "time_coordinator_s", "worker_idle_frac", "replay_size", "worker_restarts",
-        "replay_restarts")
-"""What the loop adds: throughput, the time split and the system's state."""
+        "replay_restarts", "checkpoint_capture_s", "checkpoint_write_s")
+"""What the loop adds: throughput, the time split, the system's state and what
+checkpoints cost: ``checkpoint_capture_s`` (gathering this iteration's state
+into the driver, 0 where none was taken) and ``checkpoint_write_s`` (the newest
+background write that ended)."""
 
 CORE = frozenset(COUNTERS + ARCHIVE + PHASES + ITERATION + LOOP)
 """Every iteration of every run reports these."""

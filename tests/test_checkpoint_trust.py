@@ -105,6 +105,49 @@ def arrays_of(path: Path, name: str = "coordinator.npz") -> dict[str, np.ndarray
         return {k: z[k] for k in z.files}
 
 
+def big_array(path: Path) -> str:
+    """The largest array coordinator.npz holds (the emitter's jacobian batch)."""
+    with zipfile.ZipFile(path / "coordinator.npz") as zf:
+        return max(zf.infolist(), key=lambda i: i.file_size).filename[:-4]
+
+
+def unshare(path: Path) -> None:
+    """Lays the checkpoint out as format version 3 did: the coordinator's tree
+    holds its own copy of each array it names in archive.npz (so that a test
+    can craft the coordinator's archive apart from archive.npz)."""
+    tree, arrays, archive = tree_of(path), arrays_of(path), arrays_of(path, "archive.npz")
+
+    def own(node):
+        if isinstance(node, list):
+            return [own(v) for v in node]
+        if not isinstance(node, dict):
+            return node
+        key = node.get("__array__")
+        if isinstance(key, str) and key.startswith(ckpt.SHARED):
+            copy = f"s{len(arrays)}"
+            arrays[copy] = archive[key.removeprefix(ckpt.SHARED)]
+            return {**node, "__array__": copy}
+        return {k: own(v) for k, v in node.items()}
+
+    (path / "coordinator.json").write_text(json.dumps(own(tree)))
+    np.savez(path / "coordinator.npz", **arrays)
+    refit(path)
+
+
+def plant_batch(path: Path) -> str:
+    """Puts a batch of solutions back where format version 3 kept it (the
+    scheduler's ``_cur_solutions``: a loader still meets it in old checkpoints
+    and in crafted ones); returns its array's key."""
+    tree, arrays = tree_of(path), arrays_of(path)
+    key = "batch"
+    arrays[key] = np.zeros((4, 21256))
+    tree[SCHED[0]][SCHED[1]][SCHED[2]]["_cur_solutions"] = {"__array__": key}
+    (path / "coordinator.json").write_text(json.dumps(tree))
+    np.savez(path / "coordinator.npz", **arrays)
+    refit(path)
+    return key
+
+
 def load(path: Path) -> dict:
     """What resume does with a checkpoint: verify, then load."""
     return ckpt.load_checkpoint(path, ckpt.verify(path))
@@ -163,12 +206,79 @@ def test_a_legit_checkpoint_loads_and_restores(source):
     try:
         system.load(state)
         assert system.coordinator.counters["iteration"] == 2
+        restored = system.archive()  # the scheduler's archive, from archive.npz's arrays
+        assert sorted(restored) == sorted(state["archive"])
+        for key, value in state["archive"].items():
+            np.testing.assert_array_equal(restored[key], value)
         assert system.iteration()["iteration"] == 3
     finally:
         system.close()
     limits = ckpt.Limits.from_config(json.loads((newest / "manifest.json").read_text())["config"])
     assert (limits.cells, limits.measure_dim, limits.replay_capacity) == (1296, 4, 2000)
     assert 10**12 * 8 > 1000 * limits.data_bytes("coordinator.npz")
+
+
+# -- each thing once ------------------------------------------------------------------
+
+
+def test_the_result_archive_is_stored_once(source):
+    """archive.npz holds the elites; the coordinator's tree names its arrays
+    there and coordinator.npz holds none of them (nor the told batch)."""
+    newest = ckpt.list_checkpoints(source / "checkpoints")[-1]
+    archive, arrays = arrays_of(newest, "archive.npz"), arrays_of(newest)
+    assert len(archive["index"]) > 1
+    store = store_of(tree_of(newest))
+    assert store["order"] == {"__array__": "archive.index"}
+    assert {k: v["__array__"] for k, v in store["fields"].items()} == {
+        "solution": "archive.solution", "objective": "archive.objective",
+        "measures": "archive.measures", "threshold": "archive.objective",  # equal bytes
+        "seed": "archive.seed"}
+    for key, value in arrays.items():
+        for name, elites in archive.items():
+            assert not (value.dtype == elites.dtype and value.shape == elites.shape
+                        and np.array_equal(value, elites)), (key, name)
+    genome = archive["solution"].shape[1]  # no batch of genomes either
+    assert not [k for k, v in arrays.items() if v.ndim == 2 and v.shape[1] == genome]
+    # Loaded, the tree finds them in archive.npz (restored: the test above).
+    assert load(newest)["coordinator"]["arrays"]["archive.solution"] is not None
+
+
+def test_a_tree_naming_an_array_archive_npz_lacks_is_refused(source, tmp_path):
+    _, path = copy_run(source, tmp_path)
+    tree = tree_of(path)
+    store_of(tree)["fields"]["solution"] = {"__array__": "archive.nope"}
+    (path / "coordinator.json").write_text(json.dumps(tree))
+    refit(path)
+    refused(lambda: load(path), "coordinator.json", "'archive.nope' missing")
+
+
+def set_format_version(path: Path, version) -> None:
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["format_version"] = version
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_a_format_3_checkpoint_still_loads_and_restores(source, tmp_path):
+    """Version 3: the archive twice and the told batch; it resumes as before."""
+    _, path = copy_run(source, tmp_path)
+    unshare(path)
+    plant_batch(path)
+    set_format_version(path, 3)
+    state = load(path)
+    assert not [k for k in state["coordinator"]["arrays"] if k.startswith(ckpt.SHARED)]
+    system = System(tiny(), "inprocess", torch_threads=1)
+    try:
+        system.load(state)
+        assert system.iteration()["iteration"] == 3
+    finally:
+        system.close()
+    # Arrays named in archive.npz are a version-4 checkpoint's only.
+    _, path = copy_run(source, tmp_path / "v4")
+    set_format_version(path, 3)
+    refused(lambda: load(path), "coordinator.json", "'archive.index' missing")
+    for version in (2, 5, "4", True):
+        set_format_version(path, version)
+        refused(lambda: load(path), f"format version {version!r}", "reads versions 3, 4")
 
 
 # -- (1), (2): the manifest names only the format's files ----------------------------
@@ -236,8 +346,8 @@ def declare_huge(npz: Path, key: str, shape=(10**12,)) -> None:
 def test_npz_member_declaring_1e12_elements_is_refused_before_allocation(source, tmp_path,
                                                                          name):
     _, path = copy_run(source, tmp_path)
-    key = {"coordinator.npz": tree_of(path)[SCHED[0]][SCHED[1]][SCHED[2]]["_cur_solutions"]
-           ["__array__"], "archive.npz": "solution", "replay.npz": "obs"}[name]
+    key = {"coordinator.npz": big_array(path), "archive.npz": "solution",
+           "replay.npz": "obs"}[name]
     declare_huge(path / name, key)
     refit(path)
     with np.load(path / name, allow_pickle=False) as z:  # a trusting loader:
@@ -254,7 +364,7 @@ def test_1e12_elements_are_refused_even_under_a_crafted_config(source, tmp_path)
     manifest = json.loads((path / "manifest.json").read_text())
     manifest["config"]["env"]["archive_dims"] = [1000] * 4
     (path / "manifest.json").write_text(json.dumps(manifest))
-    key = tree_of(path)[SCHED[0]][SCHED[1]][SCHED[2]]["_cur_solutions"]["__array__"]
+    key = big_array(path)
     declare_huge(path / "coordinator.npz", key)
     refit(path)
     refused(lambda: load(path), "coordinator.npz", f"'{key}'", "(1000000000000,)",
@@ -309,11 +419,51 @@ def test_a_200000_deep_state_tree_is_refused_by_the_coordinator(source, coordina
 
 
 # -- (5): the scheduler's batch of solutions -------------------------------------------
+# Not stored since format version 4 (spent once told); what a checkpoint holds
+# there is still checked.
+
+
+def test_the_told_batch_of_solutions_is_not_stored(source):
+    newest = ckpt.list_checkpoints(source / "checkpoints")[-1]
+    node = tree_of(newest)[SCHED[0]][SCHED[1]][SCHED[2]]
+    assert node["_last_called"] == "tell" and node["_cur_solutions"] == {"__fresh__": True}
+
+
+def test_only_a_batch_already_told_is_left_out():
+    """Between ask and tell the batch is still needed, and kept; once told it
+    is left out, and the restored scheduler asks exactly what the original does."""
+    from dqd_ray import algorithms
+    from dqd_ray.algorithms import BuildContext
+
+    cfg = build_config("map_elites", sets=["env.id=QDHopperBulletEnv-v0",
+                                           "policy.hidden_sizes=[4]"])
+
+    def fresh():
+        ctx = BuildContext(solution_dim=20, x0=np.zeros(20), archive_dims=[10],
+                           archive_ranges=[(0.0, 1.0)], qd_offset=-100.0,
+                           seed_sequence=np.random.SeedSequence(1), policy_first_layer=(3, 4))
+        return algorithms.get(cfg.algorithm.name).build_scheduler(cfg.algorithm, ctx)
+
+    sched = fresh()
+    batch = sched.ask()
+    tree, arrays = statecodec.encode(sched)
+    np.testing.assert_array_equal(statecodec.restore(fresh(), tree, arrays)._cur_solutions,
+                                  batch)
+    n = len(batch)
+    sched.tell(np.arange(n, dtype=float), np.linspace(0, 1, n)[:, None], seed=np.arange(n))
+    tree, arrays = statecodec.encode(sched)
+    assert tree["attrs"]["_cur_solutions"] == {"__fresh__": True}
+    assert not [a for a in arrays.values() if a.shape == batch.shape]
+    restored = statecodec.restore(fresh(), tree, arrays)
+    assert list(restored._cur_solutions) == []
+    np.testing.assert_array_equal(restored.ask(), sched.ask())
 
 
 def test_strings_in_place_of_the_batch_of_solutions_are_refused(source, tmp_path, coordinator):
     _, path = copy_run(source, tmp_path)
-    key = tree_of(path)[SCHED[0]][SCHED[1]][SCHED[2]]["_cur_solutions"]["__array__"]
+    unshare(path)
+    key = plant_batch(path)
+    load(path)  # a batch that fits loads
     arrays = arrays_of(path)
     strings = np.full(arrays[key].shape, "rm -rf ~")
     # Through the real restore path: refused, and nothing changes.
@@ -340,8 +490,9 @@ def test_other_things_in_place_of_the_batch_of_solutions_are_refused(source, tmp
 
 def test_a_batch_of_the_wrong_genome_length_is_refused(source, tmp_path, coordinator):
     _, path = copy_run(source, tmp_path)
+    unshare(path)
+    key = plant_batch(path)
     tree, arrays = tree_of(path), arrays_of(path)
-    key = tree[SCHED[0]][SCHED[1]][SCHED[2]]["_cur_solutions"]["__array__"]
     arrays[key] = np.zeros((4, 7))
     restore_refused(coordinator, path, tree, arrays, "_cur_solutions", "(4, 7)", "21256")
 
@@ -379,6 +530,7 @@ def test_a_symlinked_checkpoint_directory_is_refused(source, tmp_path):
 def test_dunder_attributes_on_the_scheduler_are_refused(source, tmp_path, coordinator,
                                                         attr, value):
     _, path = copy_run(source, tmp_path)
+    unshare(path)
     tree, arrays = tree_of(path), arrays_of(path)
     tree[SCHED[0]][SCHED[1]][SCHED[2]][attr] = value
     restore_refused(coordinator, path, tree, arrays, repr(attr), "no dunder names")
@@ -419,6 +571,7 @@ def store_of(tree: dict) -> dict:
 
 def test_three_elites_in_one_cell_are_refused(source, tmp_path, coordinator):
     _, path = copy_run(source, tmp_path)
+    unshare(path)  # the scheduler's archive alone; archive.npz is checked below
     tree, arrays = tree_of(path), arrays_of(path)
     store = store_of(tree)
     order = store["order"]["__array__"]
@@ -447,6 +600,7 @@ def test_repeated_or_out_of_range_cells_in_archive_npz_are_refused(source, tmp_p
 def test_a_store_is_checked_whole_before_any_of_it_changes(source, tmp_path, coordinator):
     """The last field is wrong: the cells and earlier fields must stay as they were."""
     _, path = copy_run(source, tmp_path)
+    unshare(path)
     tree, arrays = tree_of(path), arrays_of(path)
     fields = store_of(tree)["fields"]
     last = list(fields)[-1]
@@ -460,7 +614,7 @@ def test_a_store_is_checked_whole_before_any_of_it_changes(source, tmp_path, coo
 
 def test_latest_loadable_skips_refused_checkpoints_newest_first(source, tmp_path):
     run, newest = copy_run(source, tmp_path)
-    key = tree_of(newest)[SCHED[0]][SCHED[1]][SCHED[2]]["_cur_solutions"]["__array__"]
+    key = big_array(newest)
     arrays = arrays_of(newest)
     np.savez(newest / "coordinator.npz", **{**arrays, key: np.full(arrays[key].shape, "x")})
     refit(newest)

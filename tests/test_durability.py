@@ -1,6 +1,9 @@
 """Nothing lost on a crash, and the end of a run reaches wandb.
 
 - iteration N's metrics line is on disk (fsynced) before checkpoint N;
+- checkpoints are written in the background, one at a time, complete before
+  ``run()`` returns or a sink is given one, and a failed write is raised
+  naming the checkpoint;
 - a torn last line of ``metrics.jsonl`` (a crash while it was written) is
   dropped with a warning by ``resume``, ``show`` and ``bench quality``; any
   other corrupt line is an error naming the file and the line;
@@ -22,6 +25,8 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
+import time
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -33,7 +38,7 @@ from dqd_ray.bench.quality import curves_of
 from dqd_ray.cli import main
 from dqd_ray.config import ConfigError, build_config
 from dqd_ray.logging import JsonlSink
-from dqd_ray.loop import Experiment, read_metrics
+from dqd_ray.loop import Experiment, RunFailed, read_metrics
 from dqd_ray.state import checkpoint as ckpt
 from dqd_ray.state.rundir import (
     MetricsFileError,
@@ -42,6 +47,7 @@ from dqd_ray.state.rundir import (
     atomic_write_text,
     read_jsonl,
 )
+from dqd_ray.state.writer import CheckpointWriter, checkpoint_bytes
 
 TINY = ["env.id=QDHalfCheetahBulletEnv-v0", "env.episode_length=30", "algorithm.batch_size=4",
         "metrics.robustness_every=0", "checkpoint.every=1", "logging.progress_bar=false",
@@ -121,6 +127,181 @@ def test_metrics_line_is_fsynced_before_its_checkpoint(tmp_path, monkeypatch):
         assert sum(1 for n in metrics_syncs if n < n_synced) == it
     assert reported == [(1, None), (2, "ckpt_0000002"), (3, None)]
     assert iterations(out) == [1, 2, 3]
+
+
+# -- checkpoints written in the background, one at a time -------------------------------
+
+
+def test_checkpoints_are_written_while_the_next_iteration_runs_and_before_run_returns(
+        tmp_path, monkeypatch):
+    """Checkpoint 2 is written in another thread while iteration 3 runs (its
+    write waits until iteration 3's metrics line exists), the final one (3) is
+    complete when run() returns, and each is recorded with its cost."""
+    real_save = ckpt.save_checkpoint
+    third, writes = threading.Event(), []
+
+    def save(root, iteration, *args, **kw):
+        overlapped = third.wait(60) if iteration == 2 else None
+        writes.append((iteration, threading.current_thread() is threading.main_thread(),
+                       overlapped))
+        return real_save(root, iteration, *args, **kw)
+
+    class Third:
+        uses_checkpoint = False
+
+        def wants_archive(self, iteration):
+            return False
+
+        def log(self, metrics, archive=None, checkpoint=None):
+            if metrics["iteration"] == 3:
+                third.set()
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", save)
+    out = tmp_path / "run"
+    exp = Experiment.create(tiny("iterations=3", "checkpoint.every=2"), out,
+                            backend="inprocess")
+    exp.run(sinks=[Third()])
+    assert writes == [(2, False, True), (3, False, None)]  # in the background, overlapped
+    writer = exp.checkpoint_writer
+    assert not writer.in_flight
+    assert [r["iteration"] for r in writer.records] == [2, 3]
+    for r in writer.records:
+        assert r["capture_s"] > 0 and r["write_s"] > 0
+        assert r["bytes"] == checkpoint_bytes(r["path"]) > 0
+        assert r["bytes"] == sum(p.stat().st_size for p in r["path"].iterdir())
+    path, manifest = ckpt.latest_valid(out / "checkpoints")
+    assert path == writer.records[-1]["path"] and manifest["iteration"] == 3
+    assert ckpt.load_checkpoint(path, manifest)["archive"]["index"].size
+    assert not list((out / "checkpoints").glob(".tmp_ckpt_*"))
+    lines = read_metrics(out)
+    assert [m["checkpoint_capture_s"] > 0 for m in lines] == [False, True, False]
+    # The newest write that ended: none by iteration 3's line (2 was still waiting).
+    assert [m["checkpoint_write_s"] for m in lines] == [0.0, 0.0, 0.0]
+
+
+def test_a_sink_given_a_checkpoint_gets_it_complete(tmp_path, monkeypatch):
+    """Tune's report copies the directory it is given: the loop waits for a
+    slow background write before calling a sink that takes the checkpoint."""
+    real_save, given = ckpt.save_checkpoint, []
+
+    def slow(root, iteration, *args, **kw):
+        time.sleep(1.0)
+        return real_save(root, iteration, *args, **kw)
+
+    class Report:  # no uses_checkpoint: it may use the checkpoint
+        def wants_archive(self, iteration):
+            return False
+
+        def log(self, metrics, archive=None, checkpoint=None):
+            if checkpoint is not None:
+                given.append(ckpt.verify(Path(checkpoint))["iteration"])
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", slow)
+    Experiment.create(tiny("iterations=2"), tmp_path / "run",
+                      backend="inprocess").run(sinks=[Report()])
+    assert given == [1, 2]
+
+
+def _writer(tmp_path, write, **kw) -> CheckpointWriter:
+    return CheckpointWriter(tmp_path / "checkpoints", {}, keep=3, write=write, **kw)
+
+
+def test_a_second_write_waits_for_the_first(tmp_path):
+    events = []
+
+    def slow(root, iteration, state, config, keep):
+        events.append(("start", iteration))
+        time.sleep(0.5 if iteration == 1 else 0.0)
+        path = root / f"ckpt_{iteration:07d}"
+        path.mkdir(parents=True)
+        (path / "data").write_bytes(bytes(state["n"]))
+        events.append(("end", iteration))
+        return path
+
+    writer = _writer(tmp_path, slow)
+    writer.submit(1, {"n": 10}, capture_s=0.25)
+    assert writer.in_flight and ("end", 1) not in events
+    writer.submit(2, {"n": 20})
+    assert events[:3] == [("start", 1), ("end", 1), ("start", 2)]  # never two at once
+    writer.close()
+    assert events == [("start", 1), ("end", 1), ("start", 2), ("end", 2)]
+    assert [(r["iteration"], r["capture_s"], r["bytes"]) for r in writer.records] == [
+        (1, 0.25, 10), (2, 0.0, 20)]
+    assert writer.records[0]["write_s"] >= 0.5 and writer.last_write_s == \
+        writer.records[1]["write_s"]
+    with pytest.raises(RuntimeError, match="closed"):
+        writer.submit(3, {"n": 1})
+
+
+def test_a_failed_background_write_is_raised_at_the_next_submit_and_at_close(tmp_path):
+    def failing(root, iteration, state, config, keep):
+        if iteration in state["fail"]:
+            raise OSError(28, "No space left on device")
+        path = root / f"ckpt_{iteration:07d}"
+        path.mkdir(parents=True)
+        return path
+
+    writer = _writer(tmp_path, failing, previous=4)
+    writer.submit(5, {"fail": {6}})
+    writer.submit(6, {"fail": {6}})
+    with pytest.raises(ckpt.CheckpointError) as info:
+        writer.submit(7, {"fail": {6}})
+    msg = str(info.value)
+    assert str(tmp_path / "checkpoints" / "ckpt_0000006") in msg
+    assert "No space left on device" in msg and "iteration 5 stays the resume point" in msg
+    assert isinstance(info.value.__cause__, OSError)
+    writer.submit(8, {"fail": {8}})  # the writer goes on after a raised failure
+    with pytest.raises(ckpt.CheckpointError, match=r"ckpt_0000008: writing this checkpoint "
+                                                   r"failed \(OSError"):
+        writer.close()
+    assert [r["iteration"] for r in writer.records] == [5]  # 7 was not submitted
+
+
+def test_a_write_that_takes_too_long_is_given_up_with_a_message(tmp_path):
+    release = threading.Event()
+
+    def stuck(root, iteration, state, config, keep):
+        release.wait(30)
+        raise OSError("released")
+
+    writer = _writer(tmp_path, stuck, timeout_s=0.2, previous=3)
+    writer.submit(4, {})
+    t0 = time.perf_counter()
+    with pytest.raises(ckpt.CheckpointError, match=r"ckpt_0000004: writing this checkpoint "
+                       r"took over 0.2 s; given up .*iteration 3 stays the resume point"):
+        writer.close()
+    assert time.perf_counter() - t0 < 5
+    assert not writer.in_flight
+    release.set()
+
+
+@pytest.mark.parametrize("iterations", [1, 2])
+def test_a_failed_checkpoint_write_stops_the_run_naming_the_checkpoint(tmp_path, monkeypatch,
+                                                                      iterations):
+    """Checkpoint 1's write fails: with a second iteration the run stops when
+    it would write checkpoint 2; alone, run() raises it when it waits for the
+    last write. Either way the message names the checkpoint and the error."""
+    def failing(root, iteration, *args, **kw):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", failing)
+    out = tmp_path / "run"
+    exp = Experiment.create(tiny(f"iterations={iterations}"), out, backend="inprocess")
+    expected = RunFailed if iterations == 2 else ckpt.CheckpointError
+    with pytest.raises(expected) as info:
+        exp.run()
+    msg = str(info.value)
+    assert f"{out / 'checkpoints' / 'ckpt_0000001'}: writing this checkpoint failed" in msg
+    assert "No space left on device" in msg and "no checkpoint" in msg
+    assert [m["iteration"] for m in read_metrics(out)] == [1]  # 2 stopped before its line
+    assert not ckpt.list_checkpoints(out / "checkpoints")
+    assert not (out / RunLock.NAME).exists()  # the run let go of its directory
 
 
 def test_jsonl_sink_fsyncs_every_line(tmp_path, monkeypatch):

@@ -39,7 +39,12 @@ def _common_state() -> None:
     statecodec.allow(MaskedScheduler, GridArchive, ArchiveStats,
                      *[c for _, c in inspect.getmembers(rankers, inspect.isclass)
                        if issubclass(c, rankers.RankerBase)])
-    # Arrays that are None (or []) on a freshly built scheduler and filled once it runs.
+    # The batch it asked for is spent once told (between iterations, when a
+    # checkpoint is taken): not stored; the next ask makes a new one.
+    statecodec.transient(MaskedScheduler, "_cur_solutions",
+                         when=lambda s: s._last_called not in ("ask", "ask_dqd"))
+    # Arrays that are None (or []) on a freshly built scheduler and filled once it
+    # runs (a batch: in checkpoints of format version 3, or taken between ask and tell).
     statecodec.expect(MaskedScheduler,
                       _cur_solutions=statecodec.ArraySpec("f", (None, "_solution_dim")),
                       valid_mask=statecodec.ArraySpec("b", (None,)))

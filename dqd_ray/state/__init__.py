@@ -1,6 +1,7 @@
 """What a run leaves on disk and reads back.
 
 - ``checkpoint.py``: writing, verifying, finding and loading checkpoints;
+- ``writer.py``: writing them in the background, one at a time;
 - ``checkpoint_files.py``: the hardened readers of a checkpoint's files (sizes,
   names, npz headers; nothing is ever unpickled);
 - ``statecodec.py``: live objects (the scheduler, its archives and emitters) to

@@ -3,12 +3,15 @@ quickly, what it does not expect.
 
 A checkpoint is a directory ``checkpoints/ckpt_<iteration>`` written under a
 temporary name, fsynced, and renamed into place when complete, so a crash
-never leaves a half-written checkpoint under a real name. Inside:
+never leaves a half-written checkpoint under a real name. The loop writes it
+in the background while the next iteration runs
+(:class:`~dqd_ray.state.writer.CheckpointWriter`); a crash during that write
+leaves the previous checkpoint as the resume point. Inside:
 
 - ``manifest.json``: format version, iteration, resolved config, and the
   size and sha256 of every other file (written last);
 - ``archive.npz``: the result archive's occupied cells (solutions, objectives,
-  measures, index), for plots and analysis;
+  measures, thresholds, seeds, cell index), for plots and analysis;
 - ``coordinator.json`` + ``coordinator.npz``: scheduler, archives (occupied
   cells only), emitters, CMA-ES state, RNGs and counters as a JSON tree and
   numeric arrays (see :mod:`dqd_ray.state.statecodec`), restored onto a freshly
@@ -16,6 +19,20 @@ never leaves a half-written checkpoint under a real name. Inside:
 - ``learner_<i>.pt``: TD3 ensembles and optimizers (torch state dicts, load
   with ``weights_only=True``);
 - ``replay.npz`` (+ ``replay.json``): replay contents, when configured.
+
+Each thing is written once (format version 4). The result archive's elites
+are held by the scheduler's archive too; ``archive.npz`` is their one copy,
+and the coordinator's tree names those arrays ``archive.<member>`` instead of
+holding them again (:func:`share_archive`: an array of the coordinator's that
+equals a member of ``archive.npz`` in dtype, shape and every byte). Keeping
+``archive.npz`` (rather than reading the archive out of the coordinator's
+tree) leaves every reader of it as it was and adds no new reader of the
+tree: on load, ``archive.npz`` is read and checked as before (numeric
+members of the config's shapes, one elite per cell, cells in range), its
+members join the coordinator's arrays under those names, and the tree is
+validated whole as before. The batch the scheduler asked for and was told
+about is spent, and not stored (:func:`dqd_ray.state.statecodec.transient`).
+Checkpoints of format version 3 (each thing twice) still load.
 
 Nothing in a checkpoint is pickled and loading one runs no code from it:
 arrays are read with ``allow_pickle=False``, torch files with
@@ -72,7 +89,10 @@ from dqd_ray.state.checkpoint_files import (  # noqa: F401
     sha256,
 )
 
-FORMAT_VERSION = 3  # 2: one target-noise stream per TD3 agent; 3: no pickle
+FORMAT_VERSION = 4  # 2: one target-noise stream per TD3 agent; 3: no pickle;
+# 4: the result archive's arrays once (archive.npz), no told batch
+READABLE_VERSIONS = (3, 4)
+SHARED = "archive."  # how coordinator.json names an array of archive.npz
 MANIFEST = "manifest.json"
 ASIDE = ".replaced"
 
@@ -127,6 +147,42 @@ def _plain(x):
     return x
 
 
+def share_archive(coordinator: dict, archive: dict) -> dict:
+    """The coordinator's state ``{"tree", "arrays"}`` with every array that
+    ``archive`` (what ``archive.npz`` holds) also holds, in dtype, shape and
+    every byte, named there (``archive.<member>``) and left out of its arrays."""
+    found: dict[tuple, list] = {}
+    for name, value in archive.items():
+        value = np.asarray(value)
+        found.setdefault((value.dtype.str, value.shape), []).append((name, value))
+    rename = {}
+    for key, value in coordinator["arrays"].items():
+        for name, other in found.get((value.dtype.str, value.shape), ()):
+            if _same_bytes(value, other):
+                rename[key] = SHARED + name
+                break
+    if not rename:
+        return coordinator
+    return {"tree": _renamed(coordinator["tree"], rename),
+            "arrays": {k: v for k, v in coordinator["arrays"].items() if k not in rename}}
+
+
+def _same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
+    """Bit for bit (NaNs and signed zeros too), without copying."""
+    a, b = np.ascontiguousarray(a).reshape(-1), np.ascontiguousarray(b).reshape(-1)
+    return np.array_equal(a.view(np.uint8), b.view(np.uint8))
+
+
+def _renamed(node, rename: dict[str, str]):
+    if isinstance(node, list):
+        return [_renamed(v, rename) for v in node]
+    if not isinstance(node, dict):
+        return node
+    if isinstance(node.get("__array__"), str) and node["__array__"] in rename:
+        return {**node, "__array__": rename[node["__array__"]]}
+    return {k: _renamed(v, rename) for k, v in node.items()}
+
+
 def save_checkpoint(ckpt_root: str | os.PathLike, iteration: int, state: dict[str, Any],
                     config: dict, keep: int = 3) -> Path:
     """Writes one checkpoint atomically and durably, and prunes old ones.
@@ -159,7 +215,7 @@ def save_checkpoint(ckpt_root: str | os.PathLike, iteration: int, state: dict[st
     tmp = root / f".tmp_ckpt_{iteration:07d}_{os.getpid()}_{time.time_ns()}"
     tmp.mkdir()
     try:
-        coord = state["coordinator"]
+        coord = share_archive(state["coordinator"], state["archive"])
         (tmp / "coordinator.json").write_text(json.dumps(coord["tree"]))
         np.savez(tmp / "coordinator.npz", **coord["arrays"])
         np.savez(tmp / "archive.npz", **state["archive"])
@@ -240,10 +296,11 @@ def read_manifest(path: Path) -> tuple[dict, Limits]:
     if not isinstance(manifest, dict):
         fail(path, MANIFEST, "unreadable manifest (not a JSON object)")
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version not in READABLE_VERSIONS:
         raise CheckpointError(
-            f"{path}: checkpoint format version {version}, this code reads version "
-            f"{FORMAT_VERSION}; resume it with the dqd-ray version that wrote it")
+            f"{path}: checkpoint format version {version!r}, this code reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}; resume it with the dqd-ray version "
+            "that wrote it")
     files, n, replay = manifest.get("files"), manifest.get("num_learners"), \
         manifest.get("has_replay")
     if not isinstance(files, dict) or type(n) is not int or not 0 <= n <= MAX_LEARNERS \
@@ -360,7 +417,9 @@ def load_checkpoint(path: Path, manifest: dict) -> dict[str, Any]:
 
     Every file is reopened as a regular file of the manifest's size; every
     array's header is checked against the :class:`Limits` of the manifest's
-    config before it is read; the coordinator's tree is validated whole.
+    config before it is read; ``archive.npz`` is checked (one elite per cell,
+    cells in range) before the coordinator's tree, which may name its arrays
+    (format version 4, :func:`share_archive`), is validated whole.
 
     Raises:
         CheckpointError: A file that is not what the format allows.
@@ -371,10 +430,13 @@ def load_checkpoint(path: Path, manifest: dict) -> dict[str, Any]:
     path = Path(path)
     limits = Limits.from_config(manifest["config"])
     size = {name: info["bytes"] for name, info in manifest["files"].items()}
+    archive = read_archive(path, limits, size["archive.npz"])
     try:
         tree = read_json(path, "coordinator.json", size["coordinator.json"])
         arrays = read_npz(path, "coordinator.npz", limits, size["coordinator.npz"],
                           kinds="biufc")
+        if manifest["format_version"] >= 4:  # the arrays it shares with archive.npz
+            arrays.update({SHARED + k: v for k, v in archive.items()})
         validate(tree, arrays)
     except CheckpointError as err:
         raise CheckpointError(f"{path}: unreadable coordinator state "
@@ -387,7 +449,7 @@ def load_checkpoint(path: Path, manifest: dict) -> dict[str, Any]:
         "learners": [load_learner(path, f"learner_{i}.pt", size[f"learner_{i}.pt"], limits)
                      for i in range(manifest["num_learners"])],
         "extra": manifest.get("extra", {}),
-        "archive": read_archive(path, limits, size["archive.npz"]),
+        "archive": archive,
     }
     if manifest.get("has_replay"):
         state["replay"] = load_replay(path, manifest)

@@ -10,7 +10,10 @@ state (pyribs archives, emitters, CMA-ES, RNGs, counters) is not pickled.
 - pyribs archive stores as their *occupied* cells only, so the size grows with
   the elites, not with the grid;
 - objects of the classes in an explicit allowlist as ``{"__object__": name,
-  "attrs": {...}}``.
+  "attrs": {...}}``;
+- attributes declared :func:`transient` (a value that is spent, such as the
+  batch a pyribs scheduler asked for and has already been told about) as
+  ``{"__fresh__": true}``, like the code-owned values below.
 
 Functions, classes, modules and dtypes are not stored: they belong to the
 code, and on restore the value of a freshly built object is kept. Anything
@@ -71,6 +74,17 @@ def allow_later(declare) -> None:
 def _declared() -> None:
     while _LATER:
         _LATER.pop(0)()
+
+
+_TRANSIENT: dict[str, dict[str, Any]] = {}
+
+
+def transient(cls: type, name: str, when=None) -> None:
+    """Attribute ``name`` of ``cls`` is not stored (``when(obj)``, if given,
+    says whether it is spent on this object): on restore the freshly built
+    object's value stays. For values that belong to one step only, e.g. the
+    solutions a scheduler asked for, once it has been told about them."""
+    _TRANSIENT.setdefault(f"{cls.__module__}.{cls.__qualname__}", {})[name] = when
 
 
 def allowed_names() -> list[str]:
@@ -144,8 +158,11 @@ def _enc(obj, path: str, arrays: dict, seen: dict):
     attrs = getattr(obj, "__dict__", None)
     if attrs is None:
         raise StateError(f"{path}: {name} has no attribute dict")
+    spent = {k for k, when in _TRANSIENT.get(name, {}).items()
+             if k in attrs and (when is None or when(obj))}
     return {"__object__": name,
-            "attrs": {k: _enc(v, f"{path}.{k}", arrays, seen) for k, v in attrs.items()}}
+            "attrs": {k: {"__fresh__": True} if k in spent else
+                      _enc(v, f"{path}.{k}", arrays, seen) for k, v in attrs.items()}}
 
 
 def _plain_json(x, path: str):

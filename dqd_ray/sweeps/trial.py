@@ -16,7 +16,11 @@ from dqd_ray.sweeps.file import ASHAScheduler, PBTScheduler, Sweep
 class TuneReportSink:
     """Reports each iteration's scalars to Tune, with the checkpoint saved at
     that iteration (the run's own format, copied into Tune's storage); the
-    local copy is then removed, Tune's copy being the one restores use."""
+    local copy is then removed, Tune's copy being the one restores use. The
+    loop calls it with a checkpoint only once its background write is complete
+    (:attr:`uses_checkpoint`): Tune copies the directory as it is."""
+
+    uses_checkpoint = True
 
     def __init__(self, max_report_keys: int | None = None):
         self.max_report_keys = max_report_keys
