@@ -48,6 +48,14 @@ def test_bench_iteration_times_each_phase_and_projects_a_paper_run(ray_session, 
     assert all(r["evaluations"] == 1 + 6 + 6 + 1 for r in its)  # theta, ES, branches, greedy
     assert its[-1]["critic_updates"] == 10 and its[-1]["critic_train_s"] > 0
     assert 0.0 <= its[-1]["overlap"] <= 1.0
+    # Training runs through both halves: the shares hidden behind each and the
+    # exposed wait add up to the whole.
+    last = its[-1]
+    assert last["hidden_half_1"] + last["hidden_half_2"] <= 1.0 + 1e-9
+    assert 0.0 <= last["hidden_half_1"] <= 1.0 and 0.0 <= last["hidden_half_2"] <= 1.0
+    # A checkpoint: captured on the critical path, written in the background.
+    assert data["checkpoint_capture_s"] > 0 and data["checkpoint_write_s"] > 0
+    assert data["checkpoint_bytes"] > 0
     inp = data["projection_inputs"]
     assert (inp["half_1"], inp["half_2"], inp["per_iteration"]) == (7, 7, 14)
     assert inp["iterations"] == -(-1_000_000 // 14)  # the preset's 1M evaluations
@@ -56,7 +64,8 @@ def test_bench_iteration_times_each_phase_and_projects_a_paper_run(ray_session, 
     assert p100["hours"] <= p10["hours"]
     # The formula, recomputed from its printed inputs.
     t_ep = inp["t_ep"]
-    per = (t_ep + inp["t_jac"] + max(t_ep, inp["t_train"]) + inp["t_coord"]
+    halves = t_ep + inp["t_jac"] + t_ep
+    per = (halves + max(0.0, inp["t_train"] - halves) + inp["t_coord"]
            + inp["t_ckpt_per_iteration"]
            + (-(-inp["robustness_episodes"] // 10)) * t_ep * (inp["robustness_episodes"] > 0))
     assert p10["iteration_s"] == pytest.approx(per)
