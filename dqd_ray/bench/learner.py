@@ -6,12 +6,23 @@
   the stacked ensemble of k+1 agents against k+1 separate one-agent
   ensembles updated one after another on the same batches, as full
   (k+1)-agent updates per second and their ratio;
+- with ``--mode``, the ensemble's updates in other update modes
+  (``td3.update_mode``: compile, torch.compile of the whole update step;
+  cudagraphs, CUDA graphs, a GPU only) beside eager, and the one-off time
+  each takes to set up;
 - the jacobian of every objective's mean Q1 for 1 and 8 genomes over 256,
   4,096 and 65,536 states, with the current method (one backward pass
   through the critics to the actions, then batched policy VJPs) and the
   previous one (one batched backward pass through the critics per objective),
   side by side (the previous one only up to 65,536 genome-state pairs: past
-  that it needs gigabytes).
+  that it needs gigabytes);
+- with several ``--threads``, all of it at each torch thread count, the
+  counts interleaved in every repeat (the same machine load), and the
+  speed-up of each over the fewest threads.
+
+The JSON's ``updates`` and ``jacobian`` hold the thread count with the most
+single-agent updates per second (what ``bench iteration --learner-json``
+reads); ``by_threads`` holds every count's.
 
 Sizes are QD Ant's (28 observations, 8 actions, 4 measures, policy
 128x128, critics 256x256) unless another env is named.
@@ -76,12 +87,29 @@ def _time(fn, device: torch.device, repeats: int) -> list[float]:
     return out
 
 
+MODES = ("eager", "compile", "cudagraphs")
+
+
+def thread_counts(threads) -> list[int]:
+    """The torch thread counts to measure, ascending, once each (0 or None:
+    torch's current setting)."""
+    if threads is None or isinstance(threads, int):
+        threads = [threads]
+    default = torch.get_num_threads()
+    return sorted({int(t) if t else default for t in threads})
+
+
 def run(device: str = "cpu", env_id: str = "QDAntBulletEnv-v0", batch_size: int = 256,
         updates: int = 100, repeats: int = 3, genomes: tuple[int, ...] = (1, 8),
-        states: tuple[int, ...] = (256, 4096, 65536), threads: int | None = 1,
-        compare_previous: bool = True, compile_step: bool = False,
-        json_path: str | None = None) -> dict[str, Any]:
-    """Runs the bench; prints two tables and returns (and optionally writes) the figures."""
+        states: tuple[int, ...] = (256, 4096, 65536), threads=(1,),
+        modes: tuple[str, ...] = ("eager",), compare_previous: bool = True,
+        compile_step: bool = False, json_path: str | None = None) -> dict[str, Any]:
+    """Runs the bench; prints two tables and returns (and optionally writes) the figures.
+
+    ``threads``: torch thread counts (an int or a list; 0: torch's setting).
+    ``modes``: the update modes (``td3.update_mode``) to time the ensemble in
+    (eager always runs: it is the reference); ``compile_step`` adds compile.
+    """
     from dqd_ray.config import PolicyConfig, TD3Config
     from dqd_ray.envs import env_metadata
     from dqd_ray.roles.policy import PolicySpec
@@ -89,8 +117,20 @@ def run(device: str = "cpu", env_id: str = "QDAntBulletEnv-v0", batch_size: int 
 
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda: torch sees no GPU here; use --device cpu")
-    if threads:
-        torch.set_num_threads(int(threads))
+    counts = thread_counts(threads)
+    base = counts[0]  # speed-ups are against the fewest threads (1 if asked for)
+    modes = list(dict.fromkeys(["eager", *modes, *(["compile"] if compile_step else [])]))
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise ValueError(f"unknown --mode {unknown}: choose from {list(MODES)}")
+    skipped = {}
+    if "cudagraphs" in modes and device != "cuda":
+        skipped["cudagraphs"] = "needs a GPU: CUDA graphs capture CUDA kernels (--device cuda)"
+        print(f"--mode cudagraphs: skipped on {device}: it needs a GPU (CUDA graphs capture "
+              "CUDA kernels); run it with --device cuda on a machine with one", flush=True)
+        modes.remove("cudagraphs")
+    extra = [m for m in modes if m != "eager"]
+    threads_before = torch.get_num_threads()
     dev = torch.device(device)
     meta = env_metadata(env_id)
     spec = PolicySpec.from_config(env_id, PolicyConfig())
@@ -99,10 +139,13 @@ def run(device: str = "cpu", env_id: str = "QDAntBulletEnv-v0", batch_size: int 
     rng = np.random.default_rng(0)
     batches = _batches(rng, updates, batch_size, meta.obs_dim, meta.act_dim, k1)
     one = {k: v[:1] for k, v in batches.items()}
+    two = {k: v[:2] for k, v in batches.items()}
 
     ens = TD3Ensemble(spec, k1, cfg, device=device, seed=0)
     agents = [TD3Ensemble(spec, k1, cfg, device=device, seed=0, objectives=[j])
               for j in range(k1)]
+    others = {m: TD3Ensemble(spec, k1, cfg.model_copy(update={"update_mode": m}),
+                             device=device, seed=0) for m in extra}
 
     def train_ensemble():
         ens.train(batches)
@@ -113,74 +156,111 @@ def run(device: str = "cpu", env_id: str = "QDAntBulletEnv-v0", batch_size: int 
             for agent in agents:
                 agent.train_step(b)
 
-    ens.train(one)  # warm-up (allocations, lazy init)
-    for agent in agents:
-        agent.train(one)
-    compiled = None
-    if compile_step:  # the same ensemble with torch.compile'd losses
-        compiled = TD3Ensemble(spec, k1, cfg.model_copy(update={"compile": True}),
-                               device=device, seed=0)
-        t0 = time.perf_counter()
-        compiled.train({k: v[:2] for k, v in batches.items()})  # compiles both losses
-        compile_s = time.perf_counter() - t0
+    setup_s = {}
+    try:
+        for t in counts:  # warm-up (allocations, lazy init; compiling, capturing)
+            torch.set_num_threads(t)
+            ens.train(one)
+            for agent in agents:
+                agent.train(one)
+            for m, other in others.items():
+                t0 = time.perf_counter()
+                other.train(two)  # both update kinds: with and without the actor step
+                _sync(dev)
+                setup_s.setdefault(m, time.perf_counter() - t0)
 
-    # Interleaved repeats: all see the same machine load.
-    t_ens, t_seq, t_cmp = [], [], []
-    for _ in range(repeats):
-        t_ens += _time(train_ensemble, dev, 1)
-        t_seq += _time(train_sequential, dev, 1)
-        if compiled is not None:
-            t_cmp += _time(lambda: compiled.train(batches), dev, 1)
-    ens_rate = updates / statistics.median(t_ens)
-    seq_rate = updates / statistics.median(t_seq)
-    updates_row = {
-        "device": device, "agents": k1, "batch": batch_size,
-        "ensemble_updates_per_s": ens_rate, "sequential_updates_per_s": seq_rate,
-        "ratio": ens_rate / seq_rate, "single_agent_updates_per_s": seq_rate * k1,
-    }
-    if compiled is not None:
-        updates_row["compiled_updates_per_s"] = updates / statistics.median(t_cmp)
-        updates_row["compiled_vs_eager"] = updates_row["compiled_updates_per_s"] / ens_rate
-        updates_row["compile_s"] = compile_s
-    print(f"TD3 updates ({k1} agents, batch {batch_size}, {updates} updates, "
-          f"median of {repeats}, torch threads {torch.get_num_threads()}):")
-    print_table([updates_row], ["device", "agents", "batch", "ensemble_updates_per_s",
-                                "sequential_updates_per_s", "ratio",
-                                "single_agent_updates_per_s"]
-                + (["compiled_updates_per_s", "compiled_vs_eager", "compile_s"]
-                   if compiled is not None else []))
+        # Interleaved repeats: every thread count and mode sees the same machine load.
+        t_ens = {t: [] for t in counts}
+        t_seq = {t: [] for t in counts}
+        t_mode = {m: {t: [] for t in counts} for m in extra}
+        for _ in range(repeats):
+            for t in counts:
+                torch.set_num_threads(t)
+                t_ens[t] += _time(train_ensemble, dev, 1)
+                t_seq[t] += _time(train_sequential, dev, 1)
+                for m, other in others.items():
+                    t_mode[m][t] += _time(lambda other=other: other.train(batches), dev, 1)
+        update_rows = {}
+        for t in counts:
+            ens_rate = updates / statistics.median(t_ens[t])
+            seq_rate = updates / statistics.median(t_seq[t])
+            row = {"threads": t, "device": device, "agents": k1, "batch": batch_size,
+                   "ensemble_updates_per_s": ens_rate, "sequential_updates_per_s": seq_rate,
+                   "ratio": ens_rate / seq_rate, "single_agent_updates_per_s": seq_rate * k1}
+            for m in extra:
+                rate = updates / statistics.median(t_mode[m][t])
+                row.update({f"{m}_updates_per_s": rate, f"{m}_vs_eager": rate / ens_rate,
+                            f"{m}_setup_s": setup_s[m]})
+            update_rows[t] = row
+        for row in update_rows.values():
+            ref = update_rows[base]
+            row["ensemble_thread_speedup"] = (row["ensemble_updates_per_s"]
+                                              / ref["ensemble_updates_per_s"])
+            row["single_agent_thread_speedup"] = (row["single_agent_updates_per_s"]
+                                                  / ref["single_agent_updates_per_s"])
+        print(f"TD3 updates ({k1} agents, batch {batch_size}, {updates} updates, "
+              f"median of {repeats}, torch threads {counts}, speed-ups against {base}):")
+        cols = ["threads", "device", "ensemble_updates_per_s", "sequential_updates_per_s",
+                "ratio", "single_agent_updates_per_s", "ensemble_thread_speedup",
+                "single_agent_thread_speedup"]
+        for m in extra:
+            cols += [f"{m}_updates_per_s", f"{m}_vs_eager", f"{m}_setup_s"]
+        print_table(list(update_rows.values()), cols)
 
-    jac_rows = []
-    genome_rng = np.random.default_rng(1)
-    for g in genomes:
-        thetas = np.stack([spec.init_genome(genome_rng) for _ in range(g)])
-        for n in states:
-            s = rng.normal(size=(n, meta.obs_dim)).astype(np.float32)
-            ens.jacobian(thetas[:1], s[:8])  # warm-up
-            row: dict[str, Any] = {"genomes": g, "states": n}
-            now = _time(lambda thetas=thetas, s=s: ens.jacobian(thetas, s), dev, repeats)
-            row["jacobian_s"] = statistics.median(now)
-            # The previous method holds every state's activations for all
-            # objectives at once: gigabytes past 65,536 genome-state pairs.
-            if compare_previous and g * n <= 65536:
-                prev = _time(lambda thetas=thetas, s=s: jacobian_vmapped(ens, thetas, s), dev,
-                             repeats)
-                row["previous_s"] = statistics.median(prev)
-                row["speedup"] = row["previous_s"] / row["jacobian_s"]
-                a, b = ens.jacobian(thetas, s), jacobian_vmapped(ens, thetas, s)
-                row["max_rel_diff"] = float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
-            jac_rows.append(row)
-            print(f"  jacobian G={g} S={n}: {row['jacobian_s']:.4f} s"
-                  + (f" (previous {row['previous_s']:.4f} s, x{row['speedup']:.2f})"
-                     if "previous_s" in row else ""), flush=True)
+        jac_rows = {t: [] for t in counts}
+        genome_rng = np.random.default_rng(1)
+        for g in genomes:
+            thetas = np.stack([spec.init_genome(genome_rng) for _ in range(g)])
+            for n in states:
+                s = rng.normal(size=(n, meta.obs_dim)).astype(np.float32)
+                ens.jacobian(thetas[:1], s[:8])  # warm-up
+                # The previous method holds every state's activations for all
+                # objectives at once: gigabytes past 65,536 genome-state pairs.
+                previous = compare_previous and g * n <= 65536
+                now = {t: [] for t in counts}
+                prev = {t: [] for t in counts}
+                for _ in range(repeats):
+                    for t in counts:
+                        torch.set_num_threads(t)
+                        now[t] += _time(lambda thetas=thetas, s=s: ens.jacobian(thetas, s),
+                                        dev, 1)
+                        if previous:
+                            prev[t] += _time(lambda thetas=thetas, s=s:
+                                             jacobian_vmapped(ens, thetas, s), dev, 1)
+                diff = None
+                if previous:
+                    a, b = ens.jacobian(thetas, s), jacobian_vmapped(ens, thetas, s)
+                    diff = float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+                for t in counts:
+                    row: dict[str, Any] = {"threads": t, "genomes": g, "states": n,
+                                           "jacobian_s": statistics.median(now[t])}
+                    row["jacobian_thread_speedup"] = (statistics.median(now[base])
+                                                      / row["jacobian_s"])
+                    if previous:
+                        row["previous_s"] = statistics.median(prev[t])
+                        row["speedup"] = row["previous_s"] / row["jacobian_s"]
+                        row["max_rel_diff"] = diff
+                    jac_rows[t].append(row)
+                    print(f"  jacobian G={g} S={n}, {t} thread(s): {row['jacobian_s']:.4f} s"
+                          + (f" (previous {row['previous_s']:.4f} s, x{row['speedup']:.2f})"
+                             if previous else ""), flush=True)
+    finally:
+        torch.set_num_threads(threads_before)
     print(f"Jacobian of {k1} objectives (median of {repeats}):")
-    cols = ["genomes", "states", "jacobian_s"]
+    cols = ["threads", "genomes", "states", "jacobian_s", "jacobian_thread_speedup"]
     if compare_previous:
         cols += ["previous_s", "speedup", "max_rel_diff"]
-    print_table(jac_rows, cols)
+    print_table([r for t in counts for r in jac_rows[t]], cols)
+    best = max(counts, key=lambda t: update_rows[t]["single_agent_updates_per_s"])
+    if len(counts) > 1:
+        print(f"most single-agent updates/s at {best} thread(s): updates and jacobian of "
+              "the JSON are its figures; by_threads has every count's")
     payload = {"machine": machine_info(), "env": env_id, "torch": torch.__version__,
-               "torch_threads": torch.get_num_threads(), "updates": updates_row,
-               "jacobian": jac_rows,
+               "torch_threads": best, "threads": counts, "thread_speedup_base": base,
+               "modes": modes, "skipped_modes": skipped,
+               "updates": update_rows[best], "jacobian": jac_rows[best],
+               "by_threads": [{"threads": t, "updates": update_rows[t], "jacobian": jac_rows[t]}
+                              for t in counts],
                "cuda_device": torch.cuda.get_device_name(0) if device == "cuda" else None}
     write_json(json_path, payload)
     return payload

@@ -14,6 +14,13 @@ Each agent's initial weights and target-smoothing noise come from its own
 random stream, seeded by (seed, objective): an ensemble of all objectives and
 several ensembles splitting them between learners hold the same agents, so
 the split is a placement choice that changes no number.
+
+One update is one function of its inputs (batch, noise, whether the delayed
+actor steps), :meth:`TD3Ensemble._update_eager`, run as is (``td3.update_mode``
+eager), through ``torch.compile`` (compile), or on static buffers captured as
+CUDA graphs (cudagraphs, see :mod:`dqd_ray.roles.td3_graphs`). The noise is
+drawn outside it, from the agents' own streams, in the same order in every
+mode.
 """
 
 from __future__ import annotations
@@ -25,6 +32,12 @@ import numpy as np
 import torch
 
 from dqd_ray.roles.policy import PolicySpec
+
+
+def update_mode(cfg) -> str:
+    """``td3.update_mode``, with the older ``td3.compile=true`` read as compile."""
+    mode = getattr(cfg, "update_mode", "eager")
+    return "compile" if mode == "eager" and getattr(cfg, "compile", False) else mode
 
 
 def agent_seeds(seed: int, objective: int) -> tuple[int, int]:
@@ -93,12 +106,26 @@ class TD3Ensemble:
             ``(seed, objective j)``.
         objectives: Which objectives (indices into the reward vector) these
             agents learn; default all. A learner owning a subset passes its own.
+        capture: With ``update_mode=cudagraphs``, capture and replay CUDA
+            graphs (needs CUDA). False runs the same static-buffer update
+            un-captured, on any device: what tests compare with eager on a CPU.
+
+    Raises:
+        RuntimeError: ``update_mode=cudagraphs`` on a device other than CUDA.
     """
 
     def __init__(self, policy_spec: PolicySpec, num_objectives: int, cfg, *,
-                 device: str = "cpu", seed: int = 0, objectives: list[int] | None = None):
+                 device: str = "cpu", seed: int = 0, objectives: list[int] | None = None,
+                 capture: bool = True):
         self.spec, self.cfg = policy_spec, cfg
         self.device = torch.device(device)
+        self.mode = update_mode(cfg)
+        if self.mode == "cudagraphs" and capture and self.device.type != "cuda":
+            raise RuntimeError(
+                f"td3.update_mode=cudagraphs needs a CUDA GPU, but this learner runs on "
+                f"{self.device.type}: give learners a GPU torch can see "
+                "(resources.num_gpus_per_learner > 0, and resources.strict_gpu=true to fail "
+                "early when none is found), or set td3.update_mode=eager (or compile)")
         self.objectives = (list(range(num_objectives)) if objectives is None
                            else [int(o) for o in objectives])
         e = len(self.objectives)
@@ -118,15 +145,23 @@ class TD3Ensemble:
         self.critic_target = copy.deepcopy(self.critic)
         for p in (*self.actor_target.parameters(), *self.critic_target.parameters()):
             p.requires_grad_(False)
-        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=cfg.lr)
-        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=cfg.lr)
+        # A graph replays its optimizer steps: Adam keeps its step count on the
+        # device and reads it there (capturable; fused: one kernel per step, and
+        # the one capturable Adam that also runs on a CPU).
+        opt_kw = {"capturable": True, "fused": True} if self.mode == "cudagraphs" else {}
+        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=cfg.lr, **opt_kw)
+        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=cfg.lr, **opt_kw)
         self.noise_gens = [torch.Generator(device=self.device).manual_seed(s)
                            for s in noise_seeds]
         self.updates = 0
-        self._critic_loss, self._actor_loss = self._critic_loss_eager, self._actor_loss_eager
-        if getattr(cfg, "compile", False):
-            self._critic_loss = torch.compile(self._critic_loss_eager, dynamic=False)
-            self._actor_loss = torch.compile(self._actor_loss_eager, dynamic=False)
+        self._update = self._update_eager
+        if self.mode == "compile":
+            self._update = torch.compile(self._update_eager, dynamic=False)
+        self._static = None
+        if self.mode == "cudagraphs":
+            from dqd_ray.roles.td3_graphs import StaticUpdate
+
+            self._static = StaticUpdate(self, capture=capture)
 
     # -- training ----------------------------------------------------------
 
@@ -159,40 +194,81 @@ class TD3Ensemble:
         return {k: v.detach().cpu().numpy() for k, v in out.items()}
 
     def _batch_tensors(self, batch: dict):
-        """obs, action, next obs ``(E, B, .)``, this ensemble's rewards ``(E, B)``
+        """obs, action, next obs ``(B, .)``, this ensemble's rewards ``(E, B)``
         and not-done ``(1, B)``, on the device."""
-        e = self.num_agents
-        obs = self._to(batch["obs"]).unsqueeze(0).expand(e, -1, -1)
-        act = self._to(batch["action"]).unsqueeze(0).expand(e, -1, -1)
-        nxt = self._to(batch["next_obs"]).unsqueeze(0).expand(e, -1, -1)
+        obs = self._to(batch["obs"])
+        act = self._to(batch["action"])
+        nxt = self._to(batch["next_obs"])
         rew = self._to(batch["reward"])[:, self.objectives].T
         not_done = 1.0 - self._to(batch["terminated"]).unsqueeze(0)
         return obs, act, nxt, rew, not_done
 
+    def _expand(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, .)`` -> ``(E, B, .)``: every agent sees the same batch (a view)."""
+        return x.unsqueeze(0).expand(self.num_agents, -1, -1)
+
+    def _noise(self, n: int, b: int) -> torch.Tensor | None:
+        """The clipped target-policy smoothing noise of the next ``n`` updates of
+        ``b`` transitions, ``(n, E, b, A)`` (None: no noise). Agent j's comes from
+        its own stream, one draw of ``(b, A)`` per update: drawn for many updates
+        at once or one update at a time, the numbers are the same."""
+        cfg = self.cfg
+        if cfg.target_noise <= 0:
+            return None
+        out = torch.empty(n, self.num_agents, b, self.spec.act_dim, device=self.device)
+        for i in range(n):
+            for j, gen in enumerate(self.noise_gens):
+                torch.randn(out.shape[2:], generator=gen, device=self.device, out=out[i, j])
+        return (out * cfg.target_noise).clamp(-cfg.noise_clip, cfg.noise_clip)
+
+    def _next_is_actor_step(self) -> bool:
+        """Counts one more update; whether the delayed actors step in it."""
+        self.updates += 1
+        return self.updates % self.cfg.policy_delay == 0
+
     def _train_step(self, batch: dict) -> dict:
         """One update; the losses stay on the device (no host synchronization)."""
-        cfg = self.cfg
+        if self._static is not None:  # a call of one update
+            one = {k: (v if isinstance(v, torch.Tensor) else np.asarray(v))[None]
+                   for k, v in batch.items()}
+            critic, actor = self._static.train(self.to_device(one))
+            out = {"critic_loss": critic[0]}
+            if len(actor):
+                out["actor_loss"] = actor[0]
+            return out
         obs, act, nxt, rew, not_done = self._batch_tensors(batch)
-        noise = None
-        if cfg.target_noise > 0:  # drawn outside the (maybe compiled) loss: own streams
-            shape = (obs.shape[1], self.spec.act_dim)
-            noise = torch.stack([torch.randn(shape, generator=g, device=self.device)
-                                 for g in self.noise_gens])
-            noise = (noise * cfg.target_noise).clamp(-cfg.noise_clip, cfg.noise_clip)
-        per_agent = self._critic_loss(obs, act, nxt, rew, not_done, noise)  # (E,)
+        noise = self._noise(1, obs.shape[0])
+        actor_step = self._next_is_actor_step()
+        critic, actor = self._update(obs, act, nxt, rew, not_done,
+                                     None if noise is None else noise[0], actor_step)
+        out = {"critic_loss": critic}
+        if actor is not None:
+            out["actor_loss"] = actor
+        return out
+
+    def _update_eager(self, obs, act, nxt, rew, not_done, noise, actor_step: bool):
+        """One TD3 update of every agent: a critic step, then, if ``actor_step``,
+        an actor step up Q1 and the targets' soft update.
+
+        A function of its inputs and the weights and Adam moments only (no
+        random draw, no host synchronization): the step a CUDA graph captures.
+        ``obs``, ``act``, ``nxt`` are ``(B, .)``, ``rew`` ``(E, B)``,
+        ``not_done`` ``(1, B)``, ``noise`` ``(E, B, A)`` or None. Returns the
+        critic losses ``(E,)`` and the actor losses ``(E,)`` (None: no actor step).
+        """
+        obs, act, nxt = self._expand(obs), self._expand(act), self._expand(nxt)
+        per_agent = self._critic_loss_eager(obs, act, nxt, rew, not_done, noise)  # (E,)
         self.critic_opt.zero_grad(set_to_none=True)
         per_agent.sum().backward()
         self.critic_opt.step()
-        self.updates += 1
-        out = {"critic_loss": per_agent.detach()}
-        if self.updates % cfg.policy_delay == 0:
-            actor_agent = self._actor_loss(obs)
-            self.actor_opt.zero_grad(set_to_none=True)
-            actor_agent.sum().backward()
-            self.actor_opt.step()
-            self._soft_update()
-            out["actor_loss"] = actor_agent.detach()
-        return out
+        if not actor_step:
+            return per_agent.detach(), None
+        actor_agent = self._actor_loss_eager(obs)
+        self.actor_opt.zero_grad(set_to_none=True)
+        actor_agent.sum().backward()
+        self.actor_opt.step()
+        self._soft_update()
+        return per_agent.detach(), actor_agent.detach()
 
     def _critic_loss_eager(self, obs, act, nxt, rew, not_done, noise) -> torch.Tensor:
         """Each agent's twin-critic TD loss ``(E,)``; ``noise`` is the clipped
@@ -219,7 +295,9 @@ class TD3Ensemble:
         """Each agent's twin-critic TD loss on one batch, without updating anything
         and without target-policy noise (no random stream is touched): a probe
         of the critics' weights, e.g. before a failure and after a restore."""
-        return self._critic_loss_eager(*self._batch_tensors(batch), None).cpu().numpy()
+        obs, act, nxt, rew, not_done = self._batch_tensors(batch)
+        return self._critic_loss_eager(self._expand(obs), self._expand(act), self._expand(nxt),
+                                       rew, not_done, None).cpu().numpy()
 
     @torch.no_grad()
     def _soft_update(self) -> None:
@@ -236,15 +314,20 @@ class TD3Ensemble:
         """
         n = len(batches["obs"])
         dev = self.to_device(batches)  # one copy per array, not one per update
-        critic, actor = [], []
-        for i in range(n):
-            out = self._train_step({k: v[i] for k, v in dev.items()})
-            critic.append(out["critic_loss"])
-            if "actor_loss" in out:
-                actor.append(out["actor_loss"])
+        if self._static is not None:  # losses in two device arrays
+            critic, actor = self._static.train(dev)
+        else:
+            critic, actor = [], []
+            for i in range(n):
+                out = self._train_step({k: v[i] for k, v in dev.items()})
+                critic.append(out["critic_loss"])
+                if "actor_loss" in out:
+                    actor.append(out["actor_loss"])
+            critic = torch.stack(critic) if critic else []
+            actor = torch.stack(actor) if actor else []
         # One device-to-host copy for all the losses.
-        critic = list(torch.stack(critic).cpu().numpy()) if critic else []
-        actor = list(torch.stack(actor).cpu().numpy()) if actor else []
+        critic = list(critic.cpu().numpy()) if len(critic) else []
+        actor = list(actor.cpu().numpy()) if len(actor) else []
         return {
             "critic_loss": np.mean(critic, axis=0) if critic else np.full(self.num_agents, np.nan),
             "actor_loss": np.mean(actor, axis=0) if actor else np.full(self.num_agents, np.nan),
@@ -375,3 +458,5 @@ class TD3Ensemble:
         for g, st in zip(self.noise_gens, state["noise_gens"]):
             g.set_state(st.cpu() if hasattr(st, "cpu") else st)
         self.updates = int(state["updates"])
+        if self._static is not None:  # the optimizers hold new moment tensors
+            self._static.invalidate()
