@@ -203,15 +203,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         learner.run(device=args.device, env_id=args.env, batch_size=args.batch_size,
                     updates=args.updates, repeats=args.repeats,
                     genomes=tuple(args.genomes), states=tuple(args.states),
-                    threads=args.threads, compare_previous=not args.no_previous,
-                    compile_step=args.compile, json_path=args.json)
+                    threads=args.threads, modes=tuple(args.mode),
+                    compare_previous=not args.no_previous, compile_step=args.compile,
+                    json_path=args.json)
         return 0
     if args.bench == "rollout":
         from dqd_ray.bench import rollout
 
         rollout.run(env_ids=tuple(args.env) if args.env else rollout.ENV_IDS,
                     genomes=args.genomes, repeats=args.repeats, min_steps=args.min_steps,
-                    json_path=args.json)
+                    stream=not args.no_stream, json_path=args.json)
         return 0
     if args.bench == "iteration":
         from dqd_ray.bench import iteration
@@ -373,12 +374,17 @@ def build_parser() -> argparse.ArgumentParser:
     b_lrn.add_argument("--repeats", type=int, default=3)
     b_lrn.add_argument("--genomes", type=int, nargs="+", default=[1, 8])
     b_lrn.add_argument("--states", type=int, nargs="+", default=[256, 4096, 65536])
-    b_lrn.add_argument("--threads", type=int, default=1,
-                       help="torch intra-op threads (0: torch's default)")
+    b_lrn.add_argument("--threads", type=int, nargs="+", default=[1],
+                       help="torch intra-op thread counts, each measured in the same run "
+                       "with its speed-up over the fewest (0: torch's default)")
+    b_lrn.add_argument("--mode", nargs="+", choices=["eager", "compile", "cudagraphs"],
+                       default=["eager"],
+                       help="td3.update_mode(s) to time the ensemble's updates in, side by "
+                       "side (eager always runs; cudagraphs needs --device cuda)")
     b_lrn.add_argument("--no-previous", action="store_true",
                        help="skip the previous jacobian method (the slow comparison)")
     b_lrn.add_argument("--compile", action="store_true",
-                       help="also time the ensemble with torch.compile'd losses (td3.compile)")
+                       help="the same as adding --mode compile")
     b_lrn.add_argument("--json", default=None)
     b_rol = bsub.add_parser(
         "rollout", help="the rollout path (env, policy, recording, resets) vs a bare "
@@ -390,6 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
     b_rol.add_argument("--min-steps", type=int, default=4000,
                        help="more episodes until this many env steps per env")
     b_rol.add_argument("--repeats", type=int, default=3)
+    b_rol.add_argument("--no-stream", action="store_true",
+                       help="skip the pass through Ray (a rollout actor streaming to a "
+                       "replay actor)")
     b_rol.add_argument("--json", default=None)
     b_it = bsub.add_parser(
         "iteration", help="a few iterations at the paper's settings, timed by phase, and "

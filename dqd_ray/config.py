@@ -140,10 +140,28 @@ class TD3Config(_Strict):
         "GPU or CPUs). A cap keeps a learner that shares a machine with rollout workers "
         "from taking their CPU."
     )
-    compile: bool = Field(
-        False, description="torch.compile the update's critic and actor losses (forward "
-        "and backward); measure it first with `dqd-ray bench learner --compile`."
+    update_mode: Literal["eager", "compile", "cudagraphs"] = Field(
+        "eager", description="How a learner runs each TD3 update (the same numbers, to float "
+        "rounding, in every mode). eager: op by op. compile: the whole update step (losses, "
+        "backward, Adam steps, target soft-update) through torch.compile. cudagraphs: two "
+        "CUDA graphs (a critic update, and a critic update with the delayed actor update and "
+        "target soft-update) captured once with capturable Adam, replayed every update after "
+        "copying its batch and target-policy noise into static buffers; needs a learner on a "
+        "GPU (resources.num_gpus_per_learner > 0, a GPU torch sees), else the learner stops "
+        "at start with a message. Measure with `dqd-ray bench learner --mode eager compile "
+        "cudagraphs --device cuda`."
     )
+    compile: bool = Field(
+        False, description="The older switch for update_mode=compile: true means "
+        "update_mode=compile (with update_mode=cudagraphs it is an error)."
+    )
+
+    @model_validator(mode="after")
+    def _one_update_mode(self):
+        if self.compile and self.update_mode == "cudagraphs":
+            raise ValueError("td3.compile=true and td3.update_mode=cudagraphs ask for two update "
+                             "modes: keep td3.update_mode=cudagraphs and set td3.compile=false")
+        return self
 
 
 class ESConfig(_Strict):
@@ -181,6 +199,14 @@ class ResourcesConfig(_Strict):
     cpus_per_learner: float = Field(
         1.0, gt=0, description="CPUs each CPU learner asks Ray for (GPU learners ask for none)."
     )
+    share_learner_cpus: bool | None = Field(
+        None, description="A CPU learner shares the rollout workers' cores (asks Ray for no "
+        "CPU, and the default worker count is every CPU) instead of reserving "
+        "cpus_per_learner of its own. None (auto): shares in sync learner mode on a Ray this "
+        "process started (one machine), where the learner trains only inside each iteration "
+        "and a reserved core would sit idle most of it; reserves in async mode (training "
+        "never stops), on a joined cluster and in a Tune trial."
+    )
     rollout_resource: str | None = Field(
         None, description="A custom resource each rollout worker also asks for "
         "(cpus_per_worker of it), e.g. `rollout`, offered by the rollout nodes."
@@ -214,7 +240,11 @@ class ResourcesConfig(_Strict):
     )
     chunk_size: int = Field(1000, gt=0, description="Transitions per replay add.")
     torch_threads: int | None = Field(
-        None, gt=0, description="Torch intra-op threads per learner (None: torch's default)."
+        None, gt=0, description="Torch intra-op threads per learner. None: a CPU learner "
+        "uses one per CPU it asks Ray for, max(1, round(cpus_per_learner)), so one when it "
+        "has a share of a core (e.g. 0.5) or shares the workers' cores (the same in "
+        "process); a GPU learner keeps torch's default. Measure the scaling with "
+        "`dqd-ray bench learner --threads 1 2 4`."
     )
 
 

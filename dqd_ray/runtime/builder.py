@@ -25,14 +25,21 @@ from dqd_ray.config import ExperimentConfig
 from dqd_ray.envs import env_metadata
 from dqd_ray.roles.coordinator import Coordinator
 from dqd_ray.roles.es_gradients import ESGradient
-from dqd_ray.roles.learner import Learner, loss_metrics
+from dqd_ray.roles.learner import Learner, learner_threads, loss_metrics
 from dqd_ray.roles.policy import PolicySpec
 from dqd_ray.roles.replay_actor import ReplayActor
 from dqd_ray.roles.rollout import RolloutWorker
 from dqd_ray.runtime.evaluator import PooledEvaluator
 from dqd_ray.runtime.learners import LearnerGroup
 from dqd_ray.runtime.placement import make_placement
-from dqd_ray.runtime.resources import Seeds, _warn, algorithm_needs, initial_theta, split_objectives
+from dqd_ray.runtime.resources import (
+    Seeds,
+    _warn,
+    algorithm_needs,
+    initial_theta,
+    learner_cpus,
+    split_objectives,
+)
 
 
 class System:
@@ -41,7 +48,8 @@ class System:
     Args:
         cfg: The validated config.
         placement: ``"inprocess"`` or ``"ray"`` (Ray must be initialized).
-        torch_threads: Torch intra-op threads per learner (default: config).
+        torch_threads: Torch intra-op threads per learner (default: config, else
+            a CPU learner's CPUs, see ``resources.torch_threads``).
         run_dir: The run directory, if any: a restarted replay actor reloads
             the replay data of its newest checkpoint.
     """
@@ -93,16 +101,20 @@ class System:
             if needs.critic_objectives else []
         device = "auto" if gpus > 0 else "cpu"
         # Restartable: the coordinator's LearnerGroup restores a restarted one.
-        learner_opts = p.restartable({"num_cpus": 0 if gpus > 0 else r.cpus_per_learner,
+        learner_opts = p.restartable({"num_cpus": learner_cpus(cfg, gpus),
                                       "num_gpus": gpus,
                                       "concurrency_groups": {"train": 1, "grad": 1}})
         if r.learner_resource:
             learner_opts["resources"] = {r.learner_resource: 1}
+        # A CPU learner's torch threads follow the CPUs it asks for (one if it
+        # shares a core); resources.torch_threads or the argument wins.
+        threads = torch_threads or (None if gpus > 0 else
+                                    learner_threads(learner_opts["num_cpus"]))
         self.learners = [
             p.make(Learner, {**learner_opts, "role": f"learner {i} (objectives {objs})"}, spec,
                    1 + meta.measure_dim, cfg.td3, p.sampler(self.replay), device=device,
                    seed=Seeds.to_int(seeds.learners), objectives=objs,
-                   torch_threads=torch_threads)
+                   torch_threads=threads)
             for i, objs in enumerate(self.splits)
         ]
         self.learner_device = "cuda" if gpus > 0 else "cpu"

@@ -66,9 +66,9 @@ class ResourceError(RuntimeError):
     """The graph cannot be placed on the resources it was given."""
 
 
-# Settings that place or size Ray actors: in process they have nothing to act on.
-RAY_ONLY_RESOURCES = ("cpus_per_worker", "cpus_per_learner", "share_learner_cpus",
-                      "rollout_resource",
+# Settings that place or size Ray actors: in process they have nothing to act on
+# (cpus_per_learner still sets a learner's default torch threads there).
+RAY_ONLY_RESOURCES = ("cpus_per_worker", "share_learner_cpus", "rollout_resource",
                       "learner_resource", "replay_resource", "pin_to_head",
                       "wait_for_resources_s", "call_timeout_s")
 
