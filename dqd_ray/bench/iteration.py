@@ -176,6 +176,7 @@ def run(preset: str = "cma_mega_td3_es", env_id: str = "QDAntBulletEnv-v0",
         "t_ckpt_per_iteration": t_ckpt / cfg.checkpoint.every,
         "learner_source": f"measured here (CPU, {updates} updates)",
     }
+    measured = dict(inputs)
     lf = _learner_figures(learner_json, updates, cfg.td3.jacobian_states)
     if lf:
         inputs.update(t_train=lf["t_train"], t_jac=lf["t_jac"], learner_source=lf["source"])
@@ -186,38 +187,54 @@ def run(preset: str = "cma_mega_td3_es", env_id: str = "QDAntBulletEnv-v0",
         inputs["t_jac"] = assume_jacobian_s
         inputs["learner_source"] += f", assumed jacobian {assume_jacobian_s:g} s"
     t_ep = episode_steps / sps_core
-    inputs["t_ep"] = t_ep
-    projections = []
-    for w in workers:
-        half1 = math.ceil(h1 / w) * t_ep if h1 else 0.0
-        half2 = math.ceil(h2 / w) * t_ep
-        rob = math.ceil(rob_per_it / w) * t_ep if rob_per_it else 0.0
-        # The updates run from the start of the first half to the end of the
-        # second; the jacobian comes from the networks as staged, meanwhile.
-        halves = half1 + inputs["t_jac"] + half2
-        exposed = max(0.0, inputs["t_train"] - halves)
-        per = halves + exposed + rob + inputs["t_coord"] + inputs["t_ckpt_per_iteration"]
-        t_train = inputs["t_train"]
-        projections.append({"rollout_cpus": w, "iteration_s": per,
-                            "hours": n_it * per / 3600.0,
-                            "train_exposed_s": exposed,
-                            "hidden_half_1": min(t_train, half1 + inputs["t_jac"]) / t_train
-                            if t_train else float("nan"),
-                            "hidden_half_2": min(max(0.0, t_train - half1 - inputs["t_jac"]),
-                                                 half2) / t_train if t_train else float("nan"),
-                            "training_hidden": exposed == 0.0})
+    inputs["t_ep"] = measured["t_ep"] = t_ep
     print("projection: T = I * (ceil(H1/W) t_ep + t_jac + ceil(H2/W) t_ep "
           "+ max(0, t_train - that) + ceil(R/W) t_ep + t_coord + t_ckpt/C)")
     for k, v in inputs.items():
         print(f"  {k} = {v:.4g}" if isinstance(v, float) else f"  {k} = {v}")
-    print_table(projections, ["rollout_cpus", "iteration_s", "hours", "train_exposed_s",
-                              "hidden_half_1", "hidden_half_2", "training_hidden"])
+    projections = _project(inputs, workers, h1, h2, rob_per_it, n_it)
+    columns = ["rollout_cpus", "iteration_s", "hours", "train_exposed_s", "hidden_half_1",
+               "hidden_half_2", "training_hidden"]
+    print_table(projections, columns)
+    measured_projections = None
+    if measured["learner_source"] != inputs["learner_source"]:
+        # The same run with this machine's learner, for comparison.
+        measured_projections = _project(measured, workers, h1, h2, rob_per_it, n_it)
+        print(f"with the learner measured here (t_train = {measured['t_train']:.4g}, "
+              f"t_jac = {measured['t_jac']:.4g}):")
+        print_table(measured_projections, columns)
     print(f"published: {PUBLISHED['hours']} h on {PUBLISHED['cpus']} CPUs and a "
           f"{PUBLISHED['gpu']} ({PUBLISHED['what']})")
     payload = {"benchmark": "iteration", "machine": machine_info(), "preset": preset,
                "env": env_id, "rollout_workers": n_workers, "cpus": cpus,
                "iterations": table, "checkpoint_s": t_ckpt, "checkpoint_capture_s": t_ckpt,
                "checkpoint_write_s": t_write, "checkpoint_bytes": ckpt_bytes,
-               "projection_inputs": inputs, "projection": projections, "published": PUBLISHED}
+               "projection_inputs": inputs, "projection": projections,
+               "projection_measured_learner": measured_projections or projections,
+               "published": PUBLISHED}
     write_json(json_path, payload)
     return payload
+
+
+def _project(inputs: dict, workers, h1: int, h2: int, rob_per_it: float,
+             n_it: int) -> list[dict]:
+    """The projected iteration and run times on each of ``workers`` rollout CPUs."""
+    t_ep, t_train, t_jac = inputs["t_ep"], inputs["t_train"], inputs["t_jac"]
+    out = []
+    for w in workers:
+        half1 = math.ceil(h1 / w) * t_ep if h1 else 0.0
+        half2 = math.ceil(h2 / w) * t_ep
+        rob = math.ceil(rob_per_it / w) * t_ep if rob_per_it else 0.0
+        # The updates run from the start of the first half to the end of the
+        # second; the jacobian comes from the networks as staged, meanwhile.
+        halves = half1 + t_jac + half2
+        exposed = max(0.0, t_train - halves)
+        per = halves + exposed + rob + inputs["t_coord"] + inputs["t_ckpt_per_iteration"]
+        out.append({"rollout_cpus": w, "iteration_s": per, "hours": n_it * per / 3600.0,
+                    "train_exposed_s": exposed,
+                    "hidden_half_1": min(t_train, half1 + t_jac) / t_train
+                    if t_train else float("nan"),
+                    "hidden_half_2": min(max(0.0, t_train - half1 - t_jac), half2) / t_train
+                    if t_train else float("nan"),
+                    "training_hidden": exposed == 0.0})
+    return out
