@@ -34,7 +34,7 @@ bench: $(STAMP)
 	$(BIN)/dqd-ray bench envs --json runs/bench_envs.json
 	$(BIN)/dqd-ray bench system --json runs/bench_system.json
 	$(BIN)/dqd-ray bench sphere --json runs/bench_sphere.json
-	$(BIN)/dqd-ray bench rollout --json runs/bench_rollout.json
+	$(BIN)/dqd-ray bench rollout --policies random run --json runs/bench_rollout.json
 	$(BIN)/dqd-ray bench learner --json runs/bench_learner.json
 	$(BIN)/dqd-ray bench iteration --json runs/bench_iteration.json
 

@@ -212,7 +212,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
         rollout.run(env_ids=tuple(args.env) if args.env else rollout.ENV_IDS,
                     genomes=args.genomes, repeats=args.repeats, min_steps=args.min_steps,
-                    stream=not args.no_stream, json_path=args.json)
+                    stream=not args.no_stream, policies=tuple(args.policies),
+                    json_path=args.json)
         return 0
     if args.bench == "iteration":
         from dqd_ray.bench import iteration
@@ -396,6 +397,10 @@ def build_parser() -> argparse.ArgumentParser:
     b_rol.add_argument("--min-steps", type=int, default=4000,
                        help="more episodes until this many env steps per env")
     b_rol.add_argument("--repeats", type=int, default=3)
+    b_rol.add_argument("--policies", nargs="+", choices=("random", "run"), default=["random"],
+                       help="random: Xavier genomes (short episodes, many resets); run: one "
+                       "Xavier genome and ES samples around it, what a CMA-MEGA run evaluates "
+                       "first (long episodes)")
     b_rol.add_argument("--no-stream", action="store_true",
                        help="skip the pass through Ray (a rollout actor streaming to a "
                        "replay actor)")

@@ -17,6 +17,7 @@ def test_bench_rollout_writes_ratios_and_the_time_split(ray_session, tmp_path, c
     data = json.loads(out.read_text())
     (row,) = data["results"]
     assert row["env"] == "QDHopperBulletEnv-v0" and row["steps"] >= 200
+    assert row["policies"] == "random"
     assert row["ratio"] == pytest.approx(row["worker_steps_per_s"] / row["bare_steps_per_s"])
     assert 0 < row["ratio"] < 5 and row["physics_us"] > 0 and row["policy_us"] > 0
     # The same episodes through Ray, streamed to a replay actor (the path a run takes).

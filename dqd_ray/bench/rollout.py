@@ -176,16 +176,35 @@ class _Streaming:
             ray.kill(h)
 
 
+POLICIES = ("random", "run")
+
+
+def _genomes(spec: PolicySpec, policies: str, count: int, seed: int) -> np.ndarray:
+    """``random``: Xavier genomes, each its own (many fall at once: short
+    episodes, many resets). ``run``: what a CMA-MEGA run's first iterations
+    evaluate, one Xavier genome and Gaussian samples around it (sigma 0.02, the
+    paper's ES), mostly long episodes of a robot on its feet."""
+    if policies == "random":
+        return np.stack([spec.init_genome(np.random.default_rng([seed, i]))
+                         for i in range(count)])
+    if policies == "run":
+        rng = np.random.default_rng([seed, 2**20])
+        x0 = spec.init_genome(rng)
+        return (x0[None] + 0.02 * rng.standard_normal((count, spec.genome_dim))).astype(
+            np.float32)
+    raise ValueError(f"policies must be one of {POLICIES}, got {policies!r}")
+
+
 def bench_env(env_id: str, genomes: int = 8, repeats: int = 3, seed: int = 0,
               episode_length: int = 1000, min_steps: int = 4000,
-              stream: bool = True) -> dict[str, Any]:
+              stream: bool = True, policies: str = "random") -> dict[str, Any]:
     meta = ROBOTS[env_id]
     spec = PolicySpec(meta.obs_dim, meta.act_dim)
     worker = RolloutWorker(env_id, spec, num_envs=1, episode_length=episode_length)
     # At least ``genomes`` episodes and ``min_steps`` steps (random Hoppers fall fast).
     count = genomes
     while True:
-        gs = np.stack([spec.init_genome(np.random.default_rng([seed, i])) for i in range(count)])
+        gs = _genomes(spec, policies, count, seed)
         seeds = np.arange(count) + 1000 * seed
         res, episodes = _capture(worker, gs, seeds)
         steps = int(res["env_steps"])
@@ -251,23 +270,29 @@ def bench_env(env_id: str, genomes: int = 8, repeats: int = 3, seed: int = 0,
 
 
 def run(env_ids: tuple[str, ...] = ENV_IDS, genomes: int = 8, repeats: int = 3, seed: int = 0,
-        min_steps: int = 4000, stream: bool = True,
+        min_steps: int = 4000, stream: bool = True, policies: tuple[str, ...] = ("random",),
         json_path: str | None = None) -> dict[str, Any]:
     rows = []
-    for env_id in env_ids:
-        row = bench_env(env_id, genomes=genomes, repeats=repeats, seed=seed,
-                        min_steps=min_steps, stream=stream)
-        rows.append(row)
-        print(f"  {env_id}: ratio {row['ratio']:.3f} ({row['steps']} steps)", flush=True)
+    for kind in policies:
+        for env_id in env_ids:
+            row = bench_env(env_id, genomes=genomes, repeats=repeats, seed=seed,
+                            min_steps=min_steps, stream=stream, policies=kind)
+            row["policies"] = kind
+            rows.append(row)
+            print(f"  {env_id} ({kind} policies): ratio {row['ratio']:.3f} "
+                  f"({row['steps']} steps)", flush=True)
     print(f"Rollout path vs bare pybullet loop (median of {repeats}; ratio = bare time / "
           f"worker time; per-step times in microseconds, resets in ms):")
-    print_table(rows, ["env", "steps", "worker_steps_per_s", "bare_steps_per_s", "ratio",
-                       "ratio_4envs", "ratio_streaming"])
-    print_table(rows, ["env", "physics_us", "bare_reads_us", "env_python_us", "policy_us",
-                       "recording_us", "worker_loop_us", "env_reset_ms", "bare_reset_ms"])
+    print_table(rows, ["env", "policies", "steps", "worker_steps_per_s", "bare_steps_per_s",
+                       "ratio", "ratio_4envs", "ratio_streaming"])
+    print_table(rows, ["env", "policies", "physics_us", "bare_reads_us", "env_python_us",
+                       "policy_us", "recording_us", "worker_loop_us", "env_reset_ms",
+                       "bare_reset_ms"])
     # The goal holds for the path a run takes: streaming when measured.
-    worst = {r["env"]: min(v for v in (r["ratio"], r["ratio_4envs"], r["ratio_streaming"])
-                           if v == v) for r in rows}
+    worst: dict[str, float] = {}
+    for r in rows:
+        paths = [v for v in (r["ratio"], r["ratio_4envs"], r["ratio_streaming"]) if v == v]
+        worst[r["env"]] = min([worst.get(r["env"], float("inf")), *paths])
     met = {k: v >= GOAL for k, v in worst.items()}
     print(f"goal (every path's ratio >= {GOAL} on every env): "
           + ("met" if all(met.values()) else "NOT met: " + ", ".join(k for k, v in met.items()
