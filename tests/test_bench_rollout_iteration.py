@@ -58,6 +58,8 @@ def test_bench_iteration_times_each_phase_and_projects_a_paper_run(ray_session, 
     assert data["checkpoint_capture_s"] > 0 and data["checkpoint_write_s"] > 0
     assert data["checkpoint_bytes"] > 0
     inp = data["projection_inputs"]
+    # Per core: the workers' own CPU seconds (no faster than a worker's wall-clock rate).
+    assert inp["env_steps_per_s_per_core"] >= 0.5 * inp["env_steps_per_s_per_worker_wall"] > 0
     assert (inp["half_1"], inp["half_2"], inp["per_iteration"]) == (7, 7, 14)
     assert inp["iterations"] == -(-1_000_000 // 14)  # the preset's 1M evaluations
     p10, p100 = data["projection"]

@@ -22,7 +22,10 @@ The projection, printed with its inputs::
 I iterations (evaluations / per-iteration evaluations), H1 and H2 the two
 halves of the batch (theta + ES samples; branches + greedy actor), W rollout
 CPUs, R robustness episodes per iteration, t_ep the time of one episode on one
-core (``episode_steps`` / measured env steps per second per core), t_jac and
+core (``episode_steps`` / the env steps per second of the rollout workers'
+own CPU time, measured inside these iterations: what a core of their own gives,
+whatever shared this machine's cores; the rate per worker over the rollout
+phases' wall time is printed too), t_jac and
 t_train the learner's jacobian and critic-update times (measured here, or taken
 from a ``dqd-ray bench learner --json`` file, e.g. one made on a GPU), t_coord
 the coordinator's measured time, t_ckpt / C the checkpoint cost per iteration
@@ -85,8 +88,14 @@ def run(preset: str = "cma_mega_td3_es", env_id: str = "QDAntBulletEnv-v0",
     system = System(cfg, "ray")
     rows = []
     try:
+        before = system.system_stats()
         for i in range(iterations):
             m = system.iteration()
+            after = system.system_stats()
+            # The rollout workers' own CPU seconds: the rate a core of their own
+            # gives, whatever else shared this machine's cores.
+            m["worker_cpu_s"] = after["worker_cpu_s"] - before["worker_cpu_s"]
+            before = after
             rows.append(m)
             coord = max(0.0, m["iteration_s"] - m["phase_theta_es_s"] - m["phase_jacobian_s"]
                         - m["phase_batch_s"] - m["train_s"] - m["phase_robustness_s"])
@@ -157,7 +166,9 @@ def run(preset: str = "cma_mega_td3_es", env_id: str = "QDAntBulletEnv-v0",
     rob_per_it = (rob_evals[-1] - (rob_evals[0] if len(rows) > 1 else 0)) / len(steady)
     mean_ep = steps / max(evals, 1)
     rob_steps = rob_per_it * mean_ep  # robustness episodes count no env steps: estimated
-    sps_core = (steps + rob_steps) / max(rollout_s, 1e-9) / max(n_workers, 1)
+    sps_wall = (steps + rob_steps) / max(rollout_s, 1e-9) / max(n_workers, 1)
+    worker_cpu = sum(m["worker_cpu_s"] for m in steady)
+    sps_core = (steps + rob_steps) / worker_cpu if worker_cpu > 0 else sps_wall
     per_it = evaluations_per_iteration(cfg)
     h1 = algorithms.get(cfg.algorithm.name).first_half_evaluations(cfg, cfg.needs())
     h2 = per_it - h1
@@ -170,6 +181,7 @@ def run(preset: str = "cma_mega_td3_es", env_id: str = "QDAntBulletEnv-v0",
         "half_1": h1, "half_2": h2, "robustness_episodes": rob_per_it,
         "episode_steps": episode_steps, "measured_mean_episode_steps": mean_ep,
         "env_steps_per_s_per_core": sps_core,
+        "env_steps_per_s_per_worker_wall": sps_wall,
         "t_jac": statistics.median(m["phase_jacobian_s"] for m in steady),
         "t_train": statistics.median(measured_train) if measured_train else 0.0,
         "t_coord": statistics.median(m["phase_coordinator_s"] for m in steady),

@@ -152,7 +152,7 @@ class Coordinator:
             p, e = self.es.perturb(theta)
             points.append(p)
             eps.append(e)
-        return np.concatenate(points), eps
+        return (points[0] if len(points) == 1 else np.concatenate(points)), eps
 
     def _es_estimates(self, out: dict, eps: list[np.ndarray]) -> np.ndarray:
         values = np.concatenate([out["fitness"][:, None], out["measures"]], axis=1)

@@ -56,7 +56,10 @@ class ESGradient:
             eps = self.rng.standard_normal((half, dim))
         self._draw_ahead(dim)
         step = self.sigma * eps
-        points = np.concatenate([theta + step, theta - step])
+        # theta + step, then theta - step, each computed once, in place.
+        points = np.empty((2 * half, dim), np.result_type(theta, step))
+        np.add(theta, step, out=points[:half])
+        np.subtract(theta, step, out=points[half:])
         return points.astype(np.asarray(theta).dtype, copy=False), eps
 
     def _draw_ahead(self, dim: int) -> None:

@@ -145,6 +145,7 @@ class RolloutWorker:
         self._sink = sink
         self.total_env_steps = 0
         self.busy_s = 0.0
+        self.cpu_s = 0.0  # CPU time of this process inside evaluate (busy_s less waits)
 
     def set_sink(self, sink: Sink | None) -> None:
         self._sink = sink
@@ -158,7 +159,7 @@ class RolloutWorker:
 
     def stats(self) -> dict:
         return {"env_steps": self.total_env_steps, "busy_s": self.busy_s,
-                "incarnation": self.incarnation}
+                "cpu_s": self.cpu_s, "incarnation": self.incarnation}
 
     def evaluate(self, genomes: np.ndarray, seeds: np.ndarray | list[int],
                  record: bool = True, keys=None, action_noise: float = 0.0,
@@ -186,7 +187,7 @@ class RolloutWorker:
             chunks; empty when a sink took them); with ``collect_obs`` also
             ``obs_sum (G, obs)``, ``obs_sumsq (G, obs)`` and ``obs_count (G,)``.
         """
-        t_start = time.perf_counter()
+        t_start, cpu_start = time.perf_counter(), time.process_time()
         genomes = np.asarray(self.spec.check(genomes), np.float32)
         if genomes.ndim != 2:
             raise ValueError(f"genomes must be 2-D (G, D), got shape {genomes.shape}")
@@ -307,6 +308,7 @@ class RolloutWorker:
             drain()  # every chunk has reached the buffer when evaluate returns
         self.total_env_steps += steps
         self.busy_s += time.perf_counter() - t_start
+        self.cpu_s += time.process_time() - cpu_start
         fitness[~valid] = np.nan
         measures[~valid] = np.nan
         out = {"fitness": fitness, "measures": measures, "length": length, "valid": valid,

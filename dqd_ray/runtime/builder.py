@@ -208,6 +208,7 @@ class System:
         self._replay_incarnation = replay["incarnation"]
         learners = self.group.stats() if self.group else {}
         out = {"worker_busy_s": float(sum(w["busy_s"] for w in workers)),
+               "worker_cpu_s": float(sum(w.get("cpu_s", 0.0) for w in workers)),
                "num_rollout_workers": len(self.workers),
                "replay_size": int(replay["size"]),
                "critic_updates": learners.get("updates", 0)}
