@@ -215,6 +215,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                     stream=not args.no_stream, policies=tuple(args.policies),
                     json_path=args.json)
         return 0
+    if args.bench == "coordinator":
+        from dqd_ray.bench import coordinator
+
+        coordinator.run(preset=args.preset, env_id=args.env, iterations=args.iterations,
+                        rollout_s=args.rollout_s, profile=args.profile, sets=args.set,
+                        json_path=args.json)
+        return 0
     if args.bench == "iteration":
         from dqd_ray.bench import iteration
 
@@ -405,6 +412,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="skip the pass through Ray (a rollout actor streaming to a "
                        "replay actor)")
     b_rol.add_argument("--json", default=None)
+    b_co = bsub.add_parser(
+        "coordinator", help="the coordinator's own work per iteration, with stand-ins for "
+        "rollouts and gradients, and its profile")
+    b_co.add_argument("--preset", default="cma_mega_td3_es")
+    b_co.add_argument("--env", default="QDAntBulletEnv-v0")
+    b_co.add_argument("--iterations", type=int, default=15)
+    b_co.add_argument("--rollout-s", type=float, default=0.05,
+                      help="seconds each stand-in evaluation sleeps")
+    b_co.add_argument("--profile", type=int, default=0, metavar="N",
+                      help="print cProfile's N heaviest functions")
+    b_co.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    b_co.add_argument("--json", default=None)
     b_it = bsub.add_parser(
         "iteration", help="a few iterations at the paper's settings, timed by phase, and "
         "the projected wall time of a whole run on W rollout CPUs and one learner")

@@ -74,3 +74,15 @@ def test_bench_iteration_times_each_phase_and_projects_a_paper_run(ray_session, 
     assert p10["iteration_s"] == pytest.approx(per)
     printed = capsys.readouterr().out
     assert "projection: T = I *" in printed and "published: 16.3 h" in printed
+
+
+def test_bench_coordinator_times_the_coordinator_alone_and_profiles_it(tmp_path, capsys):
+    out = tmp_path / "coordinator.json"
+    assert main(["bench", "coordinator", "--iterations", "3", "--rollout-s", "0.01",
+                 "--profile", "8", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["solution_dim"] == 21256 and data["elites"] > 0  # QD Ant, paper settings
+    assert len(data["wall_ms_all"]) == 3 and data["wall_ms"] > 0 and data["cpu_ms"] > 0
+    printed = capsys.readouterr().out
+    assert "the coordinator's own work per iteration" in printed
+    assert "coordinator.py" in printed and "cumulative" in printed  # the profile
