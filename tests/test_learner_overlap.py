@@ -77,3 +77,26 @@ def test_the_next_stage_answers_from_the_trained_networks():
     lr.train_staged()
     lr.load_state_dict(lr.state_dict())  # a load drops the frozen copy: live networks
     assert not np.array_equal(lr.jacobian(genomes, states), j1)
+
+
+def test_updates_sent_with_their_stage_wait_for_it():
+    """A group sends the stage and the updates at once, to two concurrency
+    groups: the updates wait for the stage of their ticket, and train nothing
+    when it never comes (a learner restarted in between)."""
+    import threading
+    import time
+
+    lr = _learner()
+    before = _params(lr)
+    result: dict = {}
+    updates = threading.Thread(target=lambda: result.update(lr.train_staged(None, 7)))
+    updates.start()
+    time.sleep(0.2)
+    assert updates.is_alive()  # waiting for stage 7
+    assert lr.stage(30, 7) == 30
+    updates.join(timeout=60)
+    assert not updates.is_alive() and result["updates"] == 30
+    assert any(not torch.equal(a, b) for a, b in zip(before, _params(lr)))
+    t0 = time.monotonic()
+    assert lr.train_staged(None, 8, timeout_s=0.3) == {"updates": 0}
+    assert 0.3 <= time.monotonic() - t0 < 30

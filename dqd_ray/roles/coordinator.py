@@ -233,6 +233,12 @@ class Coordinator:
         with timer("phase_stage_s"):
             training = self.learner.stage_training(self.td3_updates)
             training.start()
+            if hasattr(self.evaluator, "before_commit"):
+                # The batches are drawn while theta and its samples are evaluated,
+                # before their transitions enter the buffer.
+                self.evaluator.before_commit = training.drawn
+            else:
+                training.drawn()
         return training
 
     def _gradient_step(self, timer: PhaseTimer) -> dict:

@@ -52,21 +52,31 @@ def loss_metrics(stats: dict) -> dict:
 
 
 class StagedTraining:
-    """Critic updates whose batches are already drawn: ``start()``, then ``wait()``.
+    """Critic updates whose batches are drawn: ``start()``, then ``wait()``.
 
     In process the updates run inside ``wait()``; the Ray learner group
     starts them on the learner actors in ``start()``. The numbers are the
-    same either way, since the batches were fixed when staging.
+    same either way, since the batches were fixed when staging. On Ray the
+    batches may still be being drawn when this returns: ``drawn()`` waits
+    until they are, and must come before the replay buffer takes any new
+    experience (the evaluator calls it before its next commit).
     """
 
-    def __init__(self, run: Callable[[], dict], start: Callable[[], None] | None = None):
-        self._run, self._start = run, start
+    def __init__(self, run: Callable[[], dict], start: Callable[[], None] | None = None,
+                 drawn: Callable[[], None] | None = None):
+        self._run, self._start, self._drawn = run, start, drawn
 
     def start(self) -> None:
         if self._start is not None:
             self._start()
 
+    def drawn(self) -> None:
+        if self._drawn is not None:
+            drawn, self._drawn = self._drawn, None
+            drawn()
+
     def wait(self) -> dict:
+        self.drawn()
         return self._run()
 
 
@@ -108,6 +118,8 @@ class Learner:
         self.last_losses: dict = {}
         self._staged: dict | None = None
         self._frozen: TD3Ensemble | None = None  # see stage()
+        self._stage_done = threading.Condition()
+        self._stage_ticket: int | None = None
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -148,8 +160,11 @@ class Learner:
         staged = self.stage(num_updates)
         return StagedTraining(lambda: self.train_staged(staged))
 
-    def stage(self, num_updates: int) -> int:
+    def stage(self, num_updates: int, ticket: int | None = None) -> int:
         """Samples and keeps the batches of ``num_updates`` updates; returns how many.
+
+        ``ticket`` names this stage for :meth:`train_staged` (a group sends both
+        calls at once, to two concurrency groups).
 
         The networks as they are now are kept aside (:meth:`_frozen_view`): until
         the next stage (or a state load), the jacobian, the greedy actor and PG
@@ -159,15 +174,20 @@ class Learner:
         """
         self._staged = None
         self._frozen = None
-        if num_updates > 0 and self.ready():
-            batches = self.sampler.sample(self.cfg.batch_size, num_updates, self._seed())
-            if self.ensemble.device.type == "cuda":  # copied while the batch is evaluated
-                batches = self.ensemble.to_device(batches)
-            self._staged = batches
-            with self._lock:
-                self._frozen = self._frozen_view()
-            return num_updates
-        return 0
+        try:
+            if num_updates > 0 and self.ready():
+                batches = self.sampler.sample(self.cfg.batch_size, num_updates, self._seed())
+                if self.ensemble.device.type == "cuda":  # copied while the batch is evaluated
+                    batches = self.ensemble.to_device(batches)
+                self._staged = batches
+                with self._lock:
+                    self._frozen = self._frozen_view()
+                return num_updates
+            return 0
+        finally:
+            with self._stage_done:
+                self._stage_ticket = ticket
+                self._stage_done.notify_all()
 
     def _frozen_view(self) -> TD3Ensemble:
         """The ensemble with copies of its actor and critic networks (the
@@ -189,8 +209,19 @@ class Learner:
         with self._lock:
             yield self.ensemble
 
-    def train_staged(self, staged: int | None = None) -> dict:
-        """Trains on the batches :meth:`stage` kept (none staged: no update)."""
+    def train_staged(self, staged: int | None = None, ticket: int | None = None,
+                     timeout_s: float = 600.0) -> dict:
+        """Trains on the batches :meth:`stage` kept (none staged: no update).
+
+        With a ``ticket``, first waits (at most ``timeout_s``) for the stage of
+        that ticket to finish; a stage that never comes (a learner restarted
+        in between) trains nothing, as a restarted learner's lost batches do.
+        """
+        if ticket is not None:
+            with self._stage_done:
+                if not self._stage_done.wait_for(lambda: self._stage_ticket == ticket,
+                                                 timeout=timeout_s):
+                    return {"updates": 0}
         batches, self._staged = getattr(self, "_staged", None), None
         if batches is None:
             return {"updates": 0}

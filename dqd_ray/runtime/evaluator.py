@@ -22,6 +22,9 @@ class PooledEvaluator:
         self.placement, self.workers, self.replay = placement, list(workers), replay
         self.chunk, self.keyed = chunk, keyed
         self.calls = 0
+        # Called once before the next commit: staged critic batches must be drawn
+        # before the buffer takes new experience (see StagedTraining.drawn).
+        self.before_commit = None
 
     def evaluate(self, genomes: np.ndarray, seeds: np.ndarray, record: bool = True,
                  **options) -> dict:
@@ -60,6 +63,9 @@ class PooledEvaluator:
             results[part] = p.get(done)
             free.append(w)
         if keyed:
+            hook, self.before_commit = self.before_commit, None
+            if hook is not None:
+                hook()
             p.get(p.call(self.replay, "commit"))
         k = results[0]["measures"].shape[1] if n else 0
         out = {"fitness": np.empty(n), "measures": np.empty((n, k)),

@@ -36,6 +36,7 @@ class LearnerGroup:
         self.async_train, self.snapshot_every = async_train, snapshot_every
         self.restart_timeout_s = restart_timeout_s
         self._known: list[str] | None = None
+        self._ticket = 0  # names each stage for its updates (see stage_training)
         self._snapshot: list | None = None
         self.snapshot_iteration: int | None = None
         self.restarts = 0
@@ -139,12 +140,24 @@ class LearnerGroup:
                                                    self.objectives))
 
     def stage_training(self, num_updates: int) -> StagedTraining:
+        """Sends every learner its stage and, at ``start()``, its updates,
+        without waiting: on Ray the batches are drawn while the iteration's
+        first half is evaluated. ``drawn()`` (the evaluator calls it before its
+        next commit) waits for them: the batches hold the experience up to the
+        previous iteration whatever the timing."""
         p = self.placement
-        self._guarded(lambda: self._all("stage", num_updates))
+        self.check()
+        self._ticket += 1
+        ticket = self._ticket
+        staged = [p.call(lr, "stage", num_updates, ticket, group="grad") for lr in self.learners]
         started: list = []
 
         def start() -> None:
-            started.extend(p.call(lr, "train_staged", group="train") for lr in self.learners)
+            started.extend(p.call(lr, "train_staged", None, ticket, group="train")
+                           for lr in self.learners)
+
+        def drawn() -> None:
+            p.get(staged)
 
         def wait() -> dict:
             if not started:
@@ -154,7 +167,7 @@ class LearnerGroup:
                 out["updates"] = 0
             return out
 
-        return StagedTraining(wait, start)
+        return StagedTraining(wait, start, drawn)
 
     def jacobian(self, genomes: np.ndarray) -> np.ndarray:
         ref = self.placement.put(np.asarray(genomes, np.float32))
