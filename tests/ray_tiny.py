@@ -25,6 +25,9 @@ COMMON = [
     "td3.jacobian_states=32", "td3.learning_starts=32", "td3.replay_capacity=20000",
     "es.num_samples=4", "resources.num_rollout_workers=2", "resources.envs_per_worker=2",
     "checkpoint.every=2", "logging.progress_bar=false",
+    # The best elite's GIF is checked where it is made on purpose
+    # (test_wandb_offline_run, test_results.py, test_durability.py).
+    "logging.final_gif=false",
 ]
 TINY = COMMON + PRESET_TINY["cma_mega_td3"]
 

@@ -164,3 +164,26 @@ def test_directions_drawn_ahead_are_the_on_demand_draws_and_checkpoints_see_none
     # Directions drawn ahead for another size are undone, not skipped.
     other = es.perturb(theta[:10])[1]
     np.testing.assert_array_equal(other, restored.perturb(theta[:10])[1])
+
+
+def test_points_written_into_a_float32_batch_are_the_float64_points_rounded_once():
+    """``perturb(theta, out=...)`` (how the coordinator builds the genomes the
+    rollouts get) gives, bit for bit, the float64 points cast to float32, on
+    the first call (drawn on demand) and later ones (drawn ahead); a sigma
+    changed after the draw is used, not the stale step."""
+    from dqd_ray.roles.es_gradients import ESGradient
+
+    a, b = ESGradient(0.05, 8, seed=3), ESGradient(0.05, 8, seed=3)
+    theta = np.random.default_rng(1).normal(size=257)
+    for sigma in (0.05, 0.05, 0.2):
+        a.sigma = b.sigma = sigma
+        want, eps_a = a.perturb(theta)
+        batch = np.full((10, 257), np.nan, np.float32)
+        got, eps_b = b.perturb(theta, out=batch[2:])
+        assert got.base is batch and np.isnan(batch[:2]).all()  # written in place
+        np.testing.assert_array_equal(eps_a, eps_b)
+        np.testing.assert_array_equal(batch[2:], want.astype(np.float32))
+        np.testing.assert_array_equal(want, np.concatenate([theta + sigma * eps_a,
+                                                            theta - sigma * eps_a]))
+    with pytest.raises(ValueError, match="shape"):
+        b.perturb(theta, out=np.empty((7, 257), np.float32))

@@ -176,7 +176,8 @@ def test_wandb_offline_run(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     out = tmp_path / "run"
     assert main(["run", "--preset", "cma_mega_td3", "--out", str(out), "--local-inprocess",
-                 *sets("iterations=2", "logging.wandb=true", "logging.heatmap_every=1")]) == 0
+                 *sets("iterations=2", "logging.wandb=true", "logging.heatmap_every=1",
+                       "logging.final_gif=true")]) == 0
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     assert list(runs[0].glob("*.wandb"))  # the offline log `wandb sync` uploads

@@ -29,10 +29,15 @@ from dqd_ray.bench.common import machine_info, write_json
 
 
 class _Rollouts:
+    genome_dtype = np.float32  # as the pooled evaluator
+
     def __init__(self, measure_dim: int, rollout_s: float, rng: np.random.Generator):
         self.k, self.rollout_s, self.rng, self.slept = measure_dim, rollout_s, rng, 0.0
 
     def evaluate(self, genomes, seeds, record: bool = True, **options) -> dict:
+        # The coordinator's side of the pooled evaluator: the genomes as the
+        # float32 array the rollout workers get.
+        genomes = np.ascontiguousarray(genomes, np.float32)
         n = len(genomes)
         time.sleep(self.rollout_s)
         self.slept += self.rollout_s

@@ -146,13 +146,21 @@ class Coordinator:
         meas = np.where(valid[:, None], np.nan_to_num(out["measures"]), lows)
         return obj, meas
 
-    def _es_points(self, thetas: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
-        points, eps = [], []
-        for theta in thetas:
-            p, e = self.es.perturb(theta)
-            points.append(p)
+    def _es_points(self, thetas: np.ndarray,
+                   lead: int = 0) -> tuple[np.ndarray, list[np.ndarray]]:
+        """The ES points of every theta in one array, with ``lead`` empty rows
+        first (room for the thetas: no copy to join them), and each theta's
+        directions. The array has the dtype the evaluator runs genomes in
+        (``genome_dtype``: float32 for the rollout workers, so no float64
+        copy is made only to be cast; float64 by default)."""
+        n = self.es.num_samples
+        dtype = getattr(self.evaluator, "genome_dtype", None) or np.result_type(thetas, np.float64)
+        batch = np.empty((lead + n * len(thetas), thetas.shape[1]), dtype)
+        eps = []
+        for i, theta in enumerate(thetas):
+            _, e = self.es.perturb(theta, out=batch[lead + i * n:lead + (i + 1) * n])
             eps.append(e)
-        return (points[0] if len(points) == 1 else np.concatenate(points)), eps
+        return batch, eps
 
     def _es_estimates(self, out: dict, eps: list[np.ndarray]) -> np.ndarray:
         values = np.concatenate([out["fitness"][:, None], out["measures"]], axis=1)
@@ -248,8 +256,9 @@ class Coordinator:
         thetas = sched.ask_dqd()
         batch, eps = thetas, None
         if self.es_rows and self.exact_jacobian is None:
-            points, eps = self._es_points(thetas)
-            batch = np.concatenate([thetas, points])
+            # theta first, then its samples, built where the rollouts read them.
+            batch, eps = self._es_points(thetas, lead=len(thetas))
+            batch[:len(thetas)] = thetas
         with timer("rollout_s", "phase_theta_es_s"):
             out_all = self._evaluate(batch)
         n = len(thetas)

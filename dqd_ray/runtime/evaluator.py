@@ -18,6 +18,9 @@ class PooledEvaluator:
     worker ran which genome changes nothing.
     """
 
+    #: What the rollout workers run: the coordinator builds ES batches in it.
+    genome_dtype = np.float32
+
     def __init__(self, placement, workers: list, replay, chunk: int = 4, keyed: bool = False):
         self.placement, self.workers, self.replay = placement, list(workers), replay
         self.chunk, self.keyed = chunk, keyed
