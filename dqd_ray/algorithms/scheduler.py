@@ -52,6 +52,27 @@ def cache_pyribs_jit() -> list[str]:
     return on
 
 
+def warm_pyribs_jit() -> list[str]:
+    """Compiles every cached helper now (one ask and tell of each engine), so
+    that a machine image ships them: ``docker/Dockerfile`` runs it. Returns
+    what :func:`cache_pyribs_jit` returns."""
+    import importlib
+
+    on = cache_pyribs_jit()
+    engines = {"ribs.emitters.opt._cma_es": "CMAEvolutionStrategy",
+               "ribs.emitters.opt._sep_cma_es": "SeparableCMAEvolutionStrategy",
+               "ribs.emitters.opt._lm_ma_es": "LMMAEvolutionStrategy"}
+    for module, name in engines.items():
+        es = getattr(importlib.import_module(module), name)(
+            sigma0=0.3, solution_dim=10, batch_size=8, seed=0)
+        es.reset(np.zeros(10))
+        values = es.ask().sum(axis=1)
+        order = np.argsort(-values)
+        es.tell(order, values[order], num_parents=4)
+        es.ask()
+    return on
+
+
 cache_pyribs_jit()
 
 
