@@ -169,8 +169,8 @@ def test_directions_drawn_ahead_are_the_on_demand_draws_and_checkpoints_see_none
 def test_points_written_into_a_float32_batch_are_the_float64_points_rounded_once():
     """``perturb(theta, out=...)`` (how the coordinator builds the genomes the
     rollouts get) gives, bit for bit, the float64 points cast to float32, on
-    the first call (drawn on demand) and later ones (drawn ahead); a sigma
-    changed after the draw is used, not the stale step."""
+    the first call (drawn on demand) and later ones (drawn ahead), also after
+    sigma changes."""
     from dqd_ray.roles.es_gradients import ESGradient
 
     a, b = ESGradient(0.05, 8, seed=3), ESGradient(0.05, 8, seed=3)

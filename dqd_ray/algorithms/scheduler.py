@@ -43,7 +43,7 @@ def cache_pyribs_jit() -> list[str]:
                 fn = raw.__func__ if isinstance(raw, staticmethod) else raw
                 if not isinstance(fn, Dispatcher):
                     continue
-                if type(fn._cache).__name__ == "NullCache":
+                if type(getattr(fn, "_cache", None)).__name__ == "NullCache":
                     try:
                         fn.enable_caching()
                     except RuntimeError:  # no writable cache directory

@@ -45,11 +45,10 @@ class ESGradient:
                 out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Returns ``(points (num_samples, D), eps (num_samples/2, D))``.
 
-        The directions of the next call (same ``D``), and their steps
-        ``sigma * eps``, are drawn ahead in a background thread while the
-        caller evaluates these points (numpy draws without the GIL): the same
-        draws from the same generator, in the same order, so the same numbers
-        as drawing on demand.
+        The directions of the next call (same ``D``) are drawn ahead in a
+        background thread, while the caller evaluates these points (numpy
+        draws without the GIL): the same draws from the same generator, in the
+        same order, so the same numbers as drawing on demand.
 
         Args:
             theta: ``(D,)``.
@@ -60,13 +59,11 @@ class ESGradient:
         """
         half = self.num_samples // 2
         dim = theta.shape[0]
-        ahead = self._take(dim)
-        if ahead is None:
+        eps = self._take(dim)
+        if eps is None:
             eps = self.rng.standard_normal((half, dim))
-            step = self.sigma * eps
-        else:
-            eps, step = ahead
         self._draw_ahead(dim)
+        step = self.sigma * eps
         if out is not None:
             if out.shape != (2 * half, dim):
                 raise ValueError(f"out has shape {out.shape}, expected {(2 * half, dim)}")
@@ -84,19 +81,16 @@ class ESGradient:
         box: dict = {}
         before = self.rng.bit_generator.state
         shape = (self.num_samples // 2, dim)
-        sigma = self.sigma
 
         def draw() -> None:
-            eps = self.rng.standard_normal(shape)
-            box["step"] = (sigma, sigma * eps)
-            box["eps"] = eps
+            box["eps"] = self.rng.standard_normal(shape)
 
         thread = threading.Thread(target=draw, name="es-directions", daemon=True)
         thread.start()
         self._ahead = (thread, box, dim, before)
 
-    def _take(self, dim: int) -> tuple[np.ndarray, np.ndarray] | None:
-        """``(eps, sigma * eps)`` drawn ahead for ``dim`` (None: none; a drawing for
+    def _take(self, dim: int) -> np.ndarray | None:
+        """The directions drawn ahead for ``dim`` (None: none; a drawing for
         another ``dim`` is undone, the generator set back)."""
         if self._ahead is None:
             return None
@@ -106,10 +100,7 @@ class ESGradient:
         if drawn_dim != dim or "eps" not in box:
             self.rng.bit_generator.state = before
             return None
-        sigma, step = box["step"]
-        if sigma != self.sigma:  # sigma changed since the draw: the step is stale
-            step = self.sigma * box["eps"]
-        return box["eps"], step
+        return box["eps"]
 
     def checkpoint_rng(self) -> np.random.Generator:
         """The generator as if nothing had been drawn ahead (what a checkpoint
