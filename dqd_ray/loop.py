@@ -306,13 +306,18 @@ class Experiment:
             return False
         return self.cfg.evaluations is None or m["evaluations"] < self.cfg.evaluations
 
-    def _capture(self, system, writer: CheckpointWriter) -> tuple[dict, float]:
-        """The run's state and the seconds its capture took, once the write in
-        flight (if any) has ended: at most one captured state waits in memory."""
+    def _capture(self, system, writer: CheckpointWriter):
+        """The run's state, captured (``collect()`` gathers it, in the writer's
+        thread), and the seconds the capture took, once the write in flight (if
+        any) has ended: at most one captured state waits in memory."""
         writer.wait()
         t0 = time.perf_counter()
-        state = system.state(save_replay=self.cfg.checkpoint.save_replay)
-        state["extra"] = {"wall_s": self.wall_s}
+        collect = system.capture(save_replay=self.cfg.checkpoint.save_replay)
+        extra = {"wall_s": self.wall_s}
+
+        def state() -> dict:
+            return {**collect(), "extra": extra}
+
         return state, time.perf_counter() - t0
 
     def _save(self, system, writer: CheckpointWriter, iteration: int) -> Path:
@@ -429,6 +434,8 @@ class Experiment:
                             continue
                         if saved is not None and getattr(s, "uses_checkpoint", True):
                             writer.wait()  # raises if the write failed
+                            if not writer.written(saved):  # skipped: a role restarted
+                                saved = None
                         s.log(m, archive, checkpoint=saved)
             except KeyboardInterrupt:
                 # A second signal (or Ctrl-C where no handler could be installed):
@@ -473,8 +480,8 @@ class Experiment:
                             err.add_note(str(write_error))
                         raise
                     writer.close()  # raises if the last write failed
-                    if interrupted and not hard_stop and saved_at:
-                        print(f"checkpointed iteration {saved_at}; continue with "
+                    if interrupted and not hard_stop and writer.last_iteration:
+                        print(f"checkpointed iteration {writer.last_iteration}; continue with "
                               f"`dqd-ray resume {self.run_dir}`", flush=True)
                 finally:
                     for s in sinks:

@@ -94,6 +94,38 @@ def test_replay_actor_many_concurrent_producers(ray_session):
     assert stats["size"] == capacity and stats["memory_bytes"] == capacity * 4 * 11
 
 
+def test_keyed_episodes_reach_the_buffer_in_key_order_whatever_the_batching(ray_session):
+    import ray
+
+    from dqd_ray.roles.replay import ReplayBuffer
+    from dqd_ray.roles.replay_actor import ReplaySink
+
+    def piece(start: int, n: int) -> dict:
+        ids = np.arange(start, start + n, dtype=np.float32)
+        return {"obs": np.repeat(ids[:, None], 3, 1), "action": np.zeros((n, 2), np.float32),
+                "reward": np.zeros((n, 2), np.float32), "next_obs": np.zeros((n, 3), np.float32),
+                "terminated": np.zeros(n, np.float32)}
+
+    rng = np.random.default_rng(0)
+    episodes = [((int(g), 0), piece(100 * int(g), int(rng.integers(5, 60))))
+                for g in rng.permutation(40)]
+    reference = ReplayBuffer(3, 2, 2, 10_000, seed=0)
+    for key, c in episodes:
+        reference.add(c, key=key)
+    reference.commit()
+    for batch_rows in (1, 150, 10_000):  # one call per episode, a few, one in all
+        replay = ray.remote(num_cpus=0)(ReplayBuffer).remote(3, 2, 2, 10_000, seed=0)
+        sink = ReplaySink(replay, batch_rows=batch_rows)
+        for key, c in episodes:
+            sink(c, key=key)
+        sink.drain()
+        assert not sink._keyed and not sink._pending  # everything sent and received
+        assert ray.get(replay.commit.remote()) == len(reference)
+        got = ray.get(replay.state_dict.remote())["data"]
+        np.testing.assert_array_equal(got["obs"], reference.state_dict()["data"]["obs"])
+        ray.kill(replay)
+
+
 def test_config_error_before_ray_starts(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "dqd_ray.cli", "run", "--out", str(tmp_path / "x"),

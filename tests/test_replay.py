@@ -263,6 +263,25 @@ def test_keyed_add_copies_and_validates():
     np.testing.assert_array_equal(buf._data["obs"][:3, 0], [0, 1, 2])
 
 
+def test_keyed_chunks_sent_together_give_the_buffer_of_one_by_one():
+    one, many = (ReplayBuffer(OBS, ACT, REW, capacity=100, seed=0) for _ in range(2))
+    parts = [((2, 0), chunk(20, 3)), ((0, 1), chunk(10, 4)), ((0, 0), chunk(5, 1)),
+             ((1, 0), chunk(30, 2))]
+    for key, c in parts:
+        one.add(c, key=key)
+    assert many.add_keyed(parts[2:]) == 3 and many.add_keyed(parts[:2]) == 7
+    assert one.commit() == many.commit() == 10
+    for k in FIELDS:
+        np.testing.assert_array_equal(one._data[k], many._data[k])
+    # One bad chunk: nothing of the call is staged.
+    bad = {**chunk(3, 2), "obs": np.zeros((2, OBS), np.int32)}
+    with pytest.raises(ValueError):
+        many.add_keyed([((5, 0), chunk(0, 2)), ((6, 0), bad)])
+    with pytest.raises(TypeError, match="pairs"):
+        many.add_keyed([chunk(0, 2)])
+    assert many.commit() == 0
+
+
 def test_seeded_sampling_is_independent_of_the_buffer_rng():
     buf = ReplayBuffer(OBS, ACT, REW, capacity=50, seed=0)
     buf.add(chunk(0, 50))

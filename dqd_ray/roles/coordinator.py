@@ -31,6 +31,7 @@ ranked last for the emitters and counted.
 from __future__ import annotations
 
 import hashlib
+import threading
 from typing import Any, Callable
 
 import numpy as np
@@ -111,6 +112,10 @@ class Coordinator:
         self.rng = np.random.default_rng(eval_seed)
         self.counters = {k: 0 for k in COUNTERS}
         self.robustness: dict[str, Any] = {"key": None, "value": None}
+        # A checkpoint's capture (see capture_state): its archive cells are
+        # copied by whichever comes first, captured_state or the next evaluation.
+        self._capture: dict | None = None
+        self._capture_lock = threading.Lock()
 
     # -- helpers ---------------------------------------------------------------
 
@@ -129,6 +134,7 @@ class Coordinator:
             out = self.evaluator.evaluate(genomes, seeds, **options)
         else:
             out = self.evaluator.evaluate(genomes, seeds, record=False, **options)
+        self._finish_capture()  # before anything told from it changes an archive
         valid = np.asarray(out["valid"], bool).copy()
         valid &= np.isfinite(out["fitness"]) & np.isfinite(out["measures"]).all(axis=1)
         out["valid"] = valid
@@ -423,16 +429,56 @@ class Coordinator:
         The archives are stored as their occupied cells only (see
         :mod:`dqd_ray.state.statecodec`); nothing in it is pickled.
         """
-        tree, arrays = statecodec.encode({
+        tree, arrays = statecodec.encode(self._state_objects())
+        return {"tree": tree, "arrays": arrays}
+
+    def _state_objects(self) -> dict:
+        return {
             "scheduler": self.scheduler,
             "rng": self.rng,
             "es_rng": None if self.es is None else self.es.checkpoint_rng(),
             "counters": dict(self.counters),
             "robustness": dict(self.robustness),
-        })
-        return {"tree": tree, "arrays": arrays}
+        }
+
+    def capture_state(self) -> None:
+        """Step one of a checkpoint, between two iterations, in milliseconds.
+
+        Takes :meth:`state_dict` now except the archives' cells, which
+        :meth:`captured_state` (called from the checkpoint writer, in its own
+        concurrency group) copies while the next iteration's first evaluation
+        runs; if that evaluation returns first, the iteration copies them
+        before it tells anything. Either way the cells are those of the
+        capture (checked: see :class:`~dqd_ray.state.statecodec.DeferredStores`).
+        """
+        with self._capture_lock:
+            tree, arrays, pending = statecodec.encode_deferred(self._state_objects())
+            self._capture = {"tree": tree, "arrays": arrays, "pending": pending,
+                             "archive": None}
+
+    def _finish_capture(self) -> None:
+        if self._capture is None:
+            return
+        with self._capture_lock:
+            cap = self._capture
+            if cap is not None and cap["archive"] is None:
+                cap["pending"].finish()
+                cap["archive"] = self.archive_arrays()
+
+    def captured_state(self) -> dict:
+        """Step two: ``{"coordinator": state_dict(), "archive": archive_arrays()}``
+        as they were at :meth:`capture_state`."""
+        self._finish_capture()
+        with self._capture_lock:
+            cap, self._capture = self._capture, None
+        if cap is None:
+            raise RuntimeError("captured_state() without capture_state() before it")
+        return {"coordinator": {"tree": cap["tree"], "arrays": cap["arrays"]},
+                "archive": cap["archive"]}
 
     def load_state_dict(self, state: dict) -> None:
+        with self._capture_lock:
+            self._capture = None
         fresh = {"scheduler": self.scheduler, "rng": self.rng,
                  "es_rng": None if self.es is None else self.es.rng,
                  "counters": self.counters, "robustness": self.robustness}

@@ -110,6 +110,7 @@ class Learner:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.cfg = td3_cfg
         self.sampler = sampler
+        self._captured: dict | None = None  # a checkpoint's capture (capture_state)
         self.ensemble = TD3Ensemble(policy_spec, num_objectives, td3_cfg, device=device,
                                     seed=seed, objectives=objectives)
         self.objectives = self.ensemble.objectives
@@ -374,6 +375,19 @@ class Learner:
         driver and the coordinator, which may run on nodes without a GPU."""
         return self.snapshot()[0]
 
+    def capture_state(self) -> None:
+        """Step one of a checkpoint: a copy of :meth:`state_dict` (every tensor
+        copied, so training may go on), kept for :meth:`captured_state`."""
+        state, _ = self.snapshot()
+        self._captured = _copied(state)
+
+    def captured_state(self) -> dict:
+        """Step two: the state :meth:`capture_state` took."""
+        state, self._captured = self._captured, None
+        if state is None:
+            raise RuntimeError("captured_state() without capture_state() before it")
+        return state
+
     def load_state_dict(self, state: dict) -> None:
         state = dict(state)
         self._staged = self._frozen = None
@@ -382,6 +396,17 @@ class Learner:
             self.ensemble.load_state_dict(state)
         if rng_state is not None:
             self.rng.bit_generator.state = rng_state
+
+
+def _copied(x):
+    """``x`` with every tensor copied (state_dict's CPU tensors are the live ones)."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().clone()
+    if isinstance(x, dict):
+        return {k: _copied(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_copied(v) for v in x)
+    return copy.deepcopy(x)
 
 
 def _to_cpu(x):

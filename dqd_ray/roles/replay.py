@@ -44,6 +44,10 @@ class ReplayBuffer:
         self._staged: dict[tuple, dict] = {}
         self._rng = np.random.default_rng(seed)
         self._lock = threading.RLock()
+        # A checkpoint's capture (see capture_state); its own lock, so that
+        # sampling goes on while the captured rows are copied.
+        self._capture: dict | None = None
+        self._capture_lock = threading.Lock()
 
     def __len__(self) -> int:
         return self._size
@@ -99,6 +103,19 @@ class ReplayBuffer:
                 return n
             return self._append(chunk, n)
 
+    def add_keyed(self, items: list) -> int:
+        """:meth:`add` of several keyed chunks, ``[(key, chunk), ...]``, in one call;
+        returns how many transitions were received. Every chunk is checked
+        before any is staged."""
+        with self._lock:
+            if not isinstance(items, (list, tuple)) or not all(
+                    isinstance(it, (list, tuple)) and len(it) == 2 for it in items):
+                raise TypeError("add_keyed takes a list of (key, chunk) pairs")
+            sizes = [self._validate(chunk) for _, chunk in items]
+            for (key, chunk), _ in zip(items, sizes):
+                self._staged[tuple(key)] = {k: np.array(chunk[k], np.float32) for k in FIELDS}
+            return int(sum(sizes))
+
     def commit(self) -> int:
         """Appends every staged chunk in key order; returns transitions appended."""
         with self._lock:
@@ -112,6 +129,7 @@ class ReplayBuffer:
     def _append(self, chunk: dict, n: int) -> int:
         if n == 0:
             return 0
+        self._finish_capture()  # the captured rows are copied before any is overwritten
         start = 0
         if n > self.capacity:  # only the newest `capacity` survive anyway
             start = n - self.capacity
@@ -164,8 +182,40 @@ class ReplayBuffer:
                 state["data"] = {k: v[: self._size].copy() for k, v in self._data.items()}
             return state
 
+    def capture_state(self, include_data: bool = True) -> None:
+        """Step one of a checkpoint, in microseconds: the counters and RNG now;
+        the rows are copied by :meth:`captured_state` (from another thread,
+        while sampling goes on) or, if an append comes first, by that append
+        before it overwrites anything. Either way: :meth:`state_dict` as of now."""
+        with self._lock:
+            state = self.state_dict(include_data=False)
+            with self._capture_lock:
+                self._capture = {"state": state, "data": None if include_data else False}
+
+    def _finish_capture(self) -> None:
+        if self._capture is None:
+            return
+        with self._capture_lock:
+            cap = self._capture
+            if cap is not None and cap["data"] is None:
+                size = cap["state"]["size"]
+                cap["data"] = {k: v[:size].copy() for k, v in self._data.items()}
+
+    def captured_state(self) -> dict:
+        """Step two: the :meth:`state_dict` of :meth:`capture_state`'s moment."""
+        self._finish_capture()
+        with self._capture_lock:
+            cap, self._capture = self._capture, None
+        if cap is None:
+            raise RuntimeError("captured_state() without capture_state() before it")
+        if cap["data"] is False:
+            return cap["state"]
+        return {**cap["state"], "data": cap["data"]}
+
     def load_state_dict(self, state: dict) -> None:
         with self._lock:
+            with self._capture_lock:
+                self._capture = None
             if tuple(state["shapes"]) != (self.obs_dim, self.act_dim, self.reward_dim):
                 raise ValueError(f"replay state has shapes {state['shapes']}, buffer has "
                                  f"{(self.obs_dim, self.act_dim, self.reward_dim)}")

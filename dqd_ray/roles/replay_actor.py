@@ -70,26 +70,48 @@ class ReplaySink(_ReplayClient):
     constructor arguments lives in the object store, and Ray cannot promise to
     restart an actor whose arguments may be gone (ray-project/ray#53727).
     Every wait on the actor has the deadlines of :mod:`dqd_ray.runtime.waits`.
+
+    Keyed chunks (one episode each, sync mode) are sent together, in one call
+    once they hold ``batch_rows`` transitions and at :meth:`drain`: a short
+    episode then costs no call of its own. The buffer stages them by key, so
+    the result does not depend on how they were grouped.
     """
 
     def __init__(self, replay, max_in_flight: int = 2, timeout_s: float = 600.0,
-                 restart_timeout_s: float = 600.0):
+                 restart_timeout_s: float = 600.0, batch_rows: int = 1000):
         super().__init__(replay, timeout_s, restart_timeout_s)
-        self.max_in_flight = max_in_flight
+        self.max_in_flight, self.batch_rows = max_in_flight, int(batch_rows)
         self._pending: list = []
+        self._keyed: list[tuple[tuple, dict]] = []
+        self._keyed_rows = 0
+
+    def _send(self, method: str, *args) -> None:
+        while len(self._pending) >= self.max_in_flight:
+            self._pending = self._wait_one(self._pending, method)
+        self._pending.append(getattr(self.replay, method).remote(*args))
 
     def __call__(self, chunk: dict, key: tuple | None = None) -> None:
-        while len(self._pending) >= self.max_in_flight:
-            self._pending = self._wait_one(self._pending, "add")
-        self._pending.append(self.replay.add.remote(chunk, key))
+        if key is None:
+            self._send("add", chunk, None)
+            return
+        self._keyed.append((tuple(key), chunk))
+        self._keyed_rows += len(chunk["obs"])
+        if self._keyed_rows >= self.batch_rows:
+            self._send_keyed()
+
+    def _send_keyed(self) -> None:
+        if self._keyed:
+            items, self._keyed, self._keyed_rows = self._keyed, [], 0
+            self._send("add_keyed", items)
 
     def drain(self) -> None:
+        self._send_keyed()
         if self._pending:
             self._get(self._pending, "add")
             self._pending = []
 
     def __getstate__(self):
-        return {**self.__dict__, "_pending": []}
+        return {**self.__dict__, "_pending": [], "_keyed": [], "_keyed_rows": 0}
 
 
 class _Future:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import uuid
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -85,7 +86,8 @@ class System:
         replay_kw = {}
         if p.restarts and run_dir is not None:
             replay_kw["checkpoints"] = str(Path(run_dir).resolve() / "checkpoints")
-        self.replay = p.make(ReplayActor, {**replay_opts, "role": "the replay buffer"},
+        self.replay = p.make(ReplayActor, {**replay_opts, "role": "the replay buffer",
+                                           "concurrency_groups": {"ckpt": 1}},
                              meta.obs_dim, meta.act_dim,
                              1 + meta.measure_dim, cfg.td3.replay_capacity,
                              seed=Seeds.to_int(seeds.replay), **replay_kw)
@@ -132,7 +134,7 @@ class System:
         # an iteration runs (OnRay.get_long).
         self.coordinator = p.make(
             Coordinator, {**central_opts, "role": "the coordinator",
-                          "concurrency_groups": {"ping": 1}},
+                          "concurrency_groups": {"ping": 1, "ckpt": 1}},
             solution_dim=spec.genome_dim, x0=initial_theta(cfg, spec, seeds),
             archive_dims=cfg.env.resolved_dims(), archive_ranges=cfg.env.resolved_ranges(),
             qd_offset=meta.qd_offset, algorithm=cfg.algorithm, evaluator=evaluator,
@@ -167,15 +169,47 @@ class System:
             m.update(loss_metrics(self.group.stats()))  # raises if training failed
         return m
 
-    def state(self, save_replay: bool = True) -> dict:
+    def capture(self, save_replay: bool = True) -> Callable[[], dict]:
+        """Captures the run's state now (milliseconds: each role keeps a copy of
+        its own, the big arrays copied while the next iteration runs) and
+        returns ``collect``, which gathers it into :meth:`state`'s dict: call it
+        once, from the checkpoint writer's thread.
+
+        The roles answer ``collect`` from their own concurrency groups
+        (``ckpt`` for the coordinator and the replay buffer, ``grad`` for
+        the learners), so it never waits behind an iteration.
+        """
         p = self.p
-        futures = {
-            "coordinator": p.call(self.coordinator, "state_dict"),
-            "archive": p.call(self.coordinator, "archive_arrays"),
-            "learners": [p.call(lr, "state_dict", group="grad") for lr in self.learners],
-            "replay": p.call(self.replay, "state_dict") if save_replay else None,
-        }
-        return {k: None if v is None else p.get(v) for k, v in futures.items()}
+        acks = [p.call(self.coordinator, "capture_state")]
+        acks += [p.call(lr, "capture_state", group="grad") for lr in self.learners]
+        if save_replay:
+            acks.append(p.call(self.replay, "capture_state"))
+        p.get(acks)  # done before the next iteration changes anything
+
+        def collect() -> dict:
+            futures = {
+                "coordinator": p.call(self.coordinator, "captured_state", group="ckpt"),
+                "learners": [p.call(lr, "captured_state", group="grad")
+                             for lr in self.learners],
+                "replay": p.call(self.replay, "captured_state", group="ckpt")
+                if save_replay else None,
+            }
+            try:
+                got = {k: None if v is None else p.get(v) for k, v in futures.items()}
+            except Exception as err:  # noqa: BLE001 - a role restarted: its copy is gone
+                from dqd_ray.state.writer import CaptureLost
+
+                what = " ".join(str(err).split())[-300:] or type(err).__name__
+                raise CaptureLost(f"a role did not hand over its captured state "
+                                  f"(restarted since the capture?): {what}") from err
+            coord = got.pop("coordinator")
+            return {"coordinator": coord["coordinator"], "archive": coord["archive"], **got}
+
+        return collect
+
+    def state(self, save_replay: bool = True) -> dict:
+        """The run's state: :meth:`capture`, collected at once."""
+        return self.capture(save_replay)()
 
     def load(self, state: dict) -> None:
         if len(state["learners"]) != len(self.learners):

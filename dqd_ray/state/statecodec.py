@@ -110,11 +110,54 @@ def _is_store(obj) -> bool:
 
 def encode(obj: Any) -> tuple[Any, dict[str, np.ndarray]]:
     """Returns ``(tree, arrays)``; ``tree`` is JSON-able, ``arrays`` go to an npz."""
+    tree, arrays, pending = encode_deferred(obj, defer=False)
+    return tree, arrays
+
+
+class DeferredStores:
+    """The archive cells an :func:`encode_deferred` left to copy later.
+
+    ``finish()`` copies them into the ``arrays`` the encode returned, which are
+    then exactly :func:`encode`'s. The stores must not change in between (an
+    archive add does): ``finish`` checks each store's update counters and
+    raises if one moved, rather than mixing two states.
+    """
+
+    def __init__(self, arrays: dict[str, Any]):
+        self.arrays = arrays
+        self.jobs: list[tuple[str, Any, str, np.ndarray, list[int]]] = []
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def finish(self) -> dict[str, np.ndarray]:
+        for key, store, field, order, updates in self.jobs:
+            now = [int(u) for u in store._props["updates"]]
+            if now != updates:
+                raise StateError(
+                    f"an archive changed between the capture of a checkpoint and the copy "
+                    f"of its cells (update counters {updates} -> {now}); this checkpoint "
+                    "would mix two states and is not written")
+            self.arrays[key] = np.asarray(store._fields[field])[order]
+        self.jobs = []
+        return self.arrays
+
+
+def encode_deferred(obj: Any, defer: bool = True) -> tuple[Any, dict, DeferredStores]:
+    """:func:`encode`, with the cells of every pyribs store left to copy later.
+
+    Everything else (RNG states, counters, emitter and CMA-ES state: small) is
+    copied now. Returns ``(tree, arrays, pending)``: ``pending.finish()``, called
+    before any store changes, fills the reserved keys of ``arrays``. This is
+    how a role captures its state in milliseconds and copies its archive while
+    its next evaluations run.
+    """
     _declared()
     arrays: dict[str, np.ndarray] = {}
     seen: dict[int, str] = {}
-    tree = _enc(obj, "root", arrays, seen)
-    return tree, arrays
+    pending = DeferredStores(arrays)
+    tree = _enc(obj, "root", arrays, seen, pending if defer else None)
+    return tree, arrays, pending
 
 
 def _array(value: np.ndarray, path: str, arrays: dict) -> dict:
@@ -125,7 +168,7 @@ def _array(value: np.ndarray, path: str, arrays: dict) -> dict:
     return {"__array__": key}
 
 
-def _enc(obj, path: str, arrays: dict, seen: dict):
+def _enc(obj, path: str, arrays: dict, seen: dict, pending: DeferredStores | None = None):
     if obj is None or isinstance(obj, (bool, str)):
         return obj
     if isinstance(obj, np.ndarray):
@@ -142,16 +185,17 @@ def _enc(obj, path: str, arrays: dict, seen: dict):
         return {"__generator__": _plain_json(obj.bit_generator.state, path)}
     if isinstance(obj, (list, tuple)):
         kind = "__list__" if isinstance(obj, list) else "__tuple__"
-        return {kind: [_enc(v, f"{path}[{i}]", arrays, seen) for i, v in enumerate(obj)]}
+        return {kind: [_enc(v, f"{path}[{i}]", arrays, seen, pending) for i, v in enumerate(obj)]}
     if type(obj) is dict:
         if not all(isinstance(k, str) for k in obj):
             raise StateError(f"{path}: dict keys must be strings to be saved")
-        return {"__dict__": {k: _enc(v, f"{path}.{k}", arrays, seen) for k, v in obj.items()}}
+        return {"__dict__": {k: _enc(v, f"{path}.{k}", arrays, seen, pending)
+                             for k, v in obj.items()}}
     if id(obj) in seen:  # a shared object (e.g. the archive every emitter holds)
         return {"__ref__": seen[id(obj)]}
     seen[id(obj)] = path
     if _is_store(obj):
-        return _enc_store(obj, path, arrays)
+        return _enc_store(obj, path, arrays, pending)
     name = _class_name(obj)
     if name not in _ALLOWED:
         raise StateError(f"{path}: objects of type {name} are not in the checkpoint allowlist")
@@ -162,7 +206,8 @@ def _enc(obj, path: str, arrays: dict, seen: dict):
              if k in attrs and (when is None or when(obj))}
     return {"__object__": name,
             "attrs": {k: {"__fresh__": True} if k in spent else
-                      _enc(v, f"{path}.{k}", arrays, seen) for k, v in attrs.items()}}
+                      _enc(v, f"{path}.{k}", arrays, seen, pending)
+                      for k, v in attrs.items()}}
 
 
 def _plain_json(x, path: str):
@@ -177,18 +222,31 @@ def _plain_json(x, path: str):
     raise StateError(f"{path}: generator state holds a {type(x).__name__}")
 
 
-def _enc_store(store, path: str, arrays: dict) -> dict:
-    """A pyribs ArrayStore as its occupied cells, in occupancy order."""
+def _enc_store(store, path: str, arrays: dict, pending: DeferredStores | None = None) -> dict:
+    """A pyribs ArrayStore as its occupied cells, in occupancy order (with
+    ``pending``: their keys reserved, the copy left to ``pending.finish()``)."""
     props = store._props
     n = int(props["n_occupied"])
-    order = np.asarray(props["occupied_list"][:n])
+    order = np.array(props["occupied_list"][:n])
+    updates = [int(u) for u in props["updates"]]
+    order_node = _array(order, f"{path}.order", arrays)
+    fields = {}
+    for k, v in store._fields.items():
+        if pending is None:
+            fields[k] = _array(np.asarray(v)[order], f"{path}.{k}", arrays)
+            continue
+        if np.asarray(v).dtype.kind not in _NUMERIC_KINDS:
+            raise StateError(f"{path}.{k}: array of dtype {np.asarray(v).dtype} cannot be saved")
+        key = f"a{len(arrays)}"
+        arrays[key] = None  # reserved: filled by pending.finish()
+        pending.jobs.append((key, store, k, order, updates))
+        fields[k] = {"__array__": key}
     return {
         "__store__": {
             "capacity": int(props["capacity"]),
-            "updates": [int(u) for u in props["updates"]],
-            "order": _array(order, f"{path}.order", arrays),
-            "fields": {k: _array(np.asarray(v)[order], f"{path}.{k}", arrays)
-                       for k, v in store._fields.items()},
+            "updates": updates,
+            "order": order_node,
+            "fields": fields,
         }
     }
 

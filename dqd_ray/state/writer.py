@@ -1,7 +1,8 @@
 """Checkpoints written in the background, one at a time, never lost in silence.
 
-The loop captures a run's state between two iterations (quick: the roles'
-arrays and dicts, gathered into the driver) and hands it to a
+The loop captures a run's state between two iterations (milliseconds: each
+role keeps a copy of its own state, see
+:meth:`~dqd_ray.runtime.builder.System.capture`) and hands it to a
 :class:`CheckpointWriter`, which writes it (:func:`~dqd_ray.state.checkpoint.save_checkpoint`:
 temporary directory, fsync, rename, prune) in a thread while the next
 iteration runs. The rules:
@@ -19,9 +20,11 @@ iteration runs. The rules:
   removed by the next write: the previous checkpoint stays the resume point.
 
 For each checkpoint written, :attr:`CheckpointWriter.records` keeps
-``{"iteration", "path", "capture_s", "write_s", "bytes"}``: the seconds the
-loop took to capture the state, the seconds the background write took
-(sharing arrays, writing, fsyncing, renaming, pruning) and the bytes of the
+``{"iteration", "path", "capture_s", "collect_s", "write_s", "bytes"}``: the
+seconds the loop took to capture the state, the seconds the background
+thread took to gather it from the roles (when it was handed a ``collect``
+callable), the seconds of the whole background write (gathering, sharing
+arrays, writing, fsyncing, renaming, pruning) and the bytes of the
 checkpoint's files.
 """
 
@@ -34,6 +37,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 from dqd_ray.state import checkpoint as ckpt
+
+
+class CaptureLost(RuntimeError):
+    """A captured state could not be gathered: a role restarted (its node died)
+    between the capture and the gathering, and its copy went with it. The
+    checkpoint is skipped, with a warning; the previous one stays the resume
+    point and the next one is taken as usual."""
+
 
 #: The longest wait for one checkpoint write (a replay buffer of 10^6
 #: transitions and an archive of 10^3 genomes are ~0.5 GB: seconds to a few
@@ -94,9 +105,15 @@ class CheckpointWriter:
 
     # -- writing -----------------------------------------------------------------
 
-    def submit(self, iteration: int, state: dict[str, Any], capture_s: float = 0.0) -> Path:
+    def submit(self, iteration: int, state: dict[str, Any] | Callable[[], dict[str, Any]],
+               capture_s: float = 0.0) -> Path:
         """Waits for the write in flight (raising its error), then starts writing
         ``state`` as checkpoint ``iteration`` in the background.
+
+        ``state`` may be a callable that returns it (a captured state still to
+        be gathered from the roles: see :meth:`dqd_ray.runtime.builder.System.capture`);
+        the writer's thread calls it first, and the seconds it takes count in
+        ``collect_s`` (and in ``write_s``).
 
         Returns:
             The path the checkpoint will have once written (give it to a sink
@@ -117,9 +134,17 @@ class CheckpointWriter:
     def _run(self, job: dict[str, Any]) -> None:
         t0 = time.perf_counter()
         try:
+            state = job["state"]
+            if callable(state):
+                try:
+                    state = state()
+                except CaptureLost as err:
+                    job["lost"] = err
+                    return
+            job["collect_s"] = time.perf_counter() - t0
             write = self._write or ckpt.save_checkpoint
-            path = write(self.root, job["iteration"], job["state"], self.config,
-                         keep=self.keep)
+            path = write(self.root, job["iteration"], state, self.config, keep=self.keep)
+            state = None
             job["write_s"] = time.perf_counter() - t0
             job["bytes"] = checkpoint_bytes(path)
             job["path"] = Path(path)
@@ -152,15 +177,24 @@ class CheckpointWriter:
             raise ckpt.CheckpointError(
                 f"{job['path']}: writing this checkpoint took over {timeout:g} s; given up "
                 f"(a full or slow disk?): {self._resume_point()}")
+        if job.get("lost") is not None:
+            print(f"warning: {job['path'].name} not written: {job['lost']}; "
+                  f"{self._resume_point()}", flush=True)
+            return None
         err = job["error"]
         if err is not None:
             what = " ".join(str(err).split()) or type(err).__name__
             raise ckpt.CheckpointError(
                 f"{job['path']}: writing this checkpoint failed ({type(err).__name__}: "
                 f"{what}): {self._resume_point()}") from err
-        record = {k: job[k] for k in ("iteration", "path", "capture_s", "write_s", "bytes")}
+        record = {k: job[k] for k in ("iteration", "path", "capture_s", "collect_s", "write_s",
+                                      "bytes")}
         self.records.append(record)
         return record
+
+    def written(self, path: Path) -> bool:
+        """Whether checkpoint ``path`` was written completely (after :meth:`wait`)."""
+        return any(r["path"] == Path(path) for r in self.records)
 
     def _resume_point(self) -> str:
         done = self.last_iteration
