@@ -24,8 +24,10 @@ PHASES = ("rollout_s", "gradient_s", "train_s", "phase_theta_es_s", "phase_jacob
 """Seconds of an iteration, reported every iteration (0 where a phase did not run):
 ``rollout_s`` / ``gradient_s`` / ``train_s`` are the coarse split (``train_s`` is the
 wait for the critic updates after the batch); ``phase_*`` the phases of the paper's
-iteration. Reported only where they ran: ``phase_stage_s``, ``phase_learner_checks_s``
-and ``critic_train_s`` (the learners' own training time)."""
+iteration (``phase_theta_es_s`` is the first half: theta's ES samples, theta itself
+being evaluated with its branches in ``phase_batch_s``). Reported only where they
+ran: ``phase_stage_s``, ``phase_learner_checks_s`` and ``critic_train_s`` (the
+learners' own training time)."""
 
 ITERATION = ("mean_evaluation", "iteration_evaluations", "iteration_env_steps", "iteration_s")
 """What this iteration evaluated, and its wall time inside the coordinator."""

@@ -80,12 +80,15 @@ def test_ask_tell_order_is_respected():
     ev = RecordingEvaluator(domain)
     coord, _ = small_coordinator(evaluator=ev)
     for it in range(5):
+        theta = np.array(coord.scheduler.emitters[0]._grad_opt.theta)  # what ask_dqd gives
         coord.iteration()
-        theta, branches = ev.calls[2 * it], ev.calls[2 * it + 1]
-        assert theta.shape == (1, 20)  # ask_dqd: one theta per emitter
-        assert branches.shape == (35, 20)  # ask: the branches
-        assert not np.any(np.all(branches == theta, axis=1))
-    assert len(ev.calls) == 10
+        # The exact jacobian needs no episode: theta (ask_dqd, one per emitter)
+        # is evaluated with its branches (ask), first.
+        batch = ev.calls[it]
+        assert batch.shape == (1 + 35, 20)
+        np.testing.assert_array_equal(batch[0], theta)
+        assert not np.any(np.all(batch[1:] == theta, axis=1))
+    assert len(ev.calls) == 5
     # Every elite was evaluated by us, and its stored objective and measures are
     # those of its own solution: results were told in the order they were asked.
     evaluated = np.concatenate(ev.calls)
@@ -99,6 +102,41 @@ def test_ask_tell_order_is_respected():
     # pyribs refuses a tell out of order.
     with pytest.raises(RuntimeError):
         coord.scheduler.tell(np.zeros(35), np.zeros((35, 2)))
+
+
+@pytest.mark.parametrize("gradients", ["exact", "es"])
+def test_theta_evaluated_with_its_branches_gives_the_archive_of_tell_dqd(gradients,
+                                                                      monkeypatch):
+    # The same iterations with theta evaluated before the jacobian (tell_dqd,
+    # pyribs' order of calls) and with its branches (tell_jacobian, then
+    # tell_thetas before tell): this domain's episodes do not depend on when
+    # they run, so every archive, emitter and metric must come out the same.
+    def run(late: bool):
+        from dqd_ray.algorithms.scheduler import MaskedScheduler
+
+        if not late:
+            monkeypatch.setattr(MaskedScheduler, "tells_jacobian_first", False)
+        es = ESGradient(sigma=0.1, num_samples=8, seed=3) if gradients == "es" else None
+        domain = LinearProjection(20, "sphere")
+        ev = RecordingEvaluator(domain)
+        coord, _ = small_coordinator(evaluator=ev, exact=gradients == "exact", es=es)
+        metrics = [comparable(coord.iteration()) for _ in range(6)]
+        monkeypatch.undo()
+        return coord, ev, metrics
+
+    (early, ev_early, m_early), (late, ev_late, m_late) = run(False), run(True)
+    assert m_early == m_late
+    first = 8 if gradients == "es" else 0
+    assert [len(c) for c in ev_late.calls][:2] == ([first, 1 + 35] if first else [36, 36])
+    assert [len(c) for c in ev_early.calls][:2] == [1 + first, 35]
+    a, b = early.archive_arrays(), late.archive_arrays()
+    assert set(a) == set(b)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    sa, sb = early.state_dict(), late.state_dict()
+    assert sa["tree"] == sb["tree"]
+    for k in sa["arrays"]:
+        np.testing.assert_array_equal(sa["arrays"][k], sb["arrays"][k])
 
 
 @pytest.mark.parametrize("gradients", ["exact", "es"])
@@ -185,7 +223,7 @@ def test_iteration_metrics_agree_with_the_archive_and_the_work_done():
     for h in history:
         assert 0 <= h["rollout_s"] <= h["iteration_s"] and 0 <= h["gradient_s"] <= h["iteration_s"]
         assert h["rollout_s"] + h["gradient_s"] + h["train_s"] <= h["iteration_s"]
-    thetas = recorder.calls[-2]  # the last theta batch (one emitter: one theta)
+    thetas = recorder.calls[-1][:1]  # the last theta (one emitter), first of its batch
     norms = np.linalg.norm(domain.evaluate(thetas)[2], axis=2)
     assert m["grad_norm_fitness"] == pytest.approx(norms[:, 0].mean())
     assert m["grad_norm_measures"] == pytest.approx(norms[:, 1:].mean())
@@ -625,3 +663,42 @@ def test_keyed_transitions_do_not_depend_on_lockstep_scheduling():
     # Without a sink keyed chunks come back, one genome per chunk.
     assert sum(len(c["obs"]) for c in unsunk["transitions"]) == out["env_steps"]
     assert len(unsunk["transitions"]) >= 5
+
+
+def test_a_held_commit_enters_the_buffer_with_the_next_call_in_call_order():
+    # The coordinator holds the first half's transitions (the ES samples) until
+    # the iteration's end: the jacobian then sees the experience up to the
+    # previous iteration; both halves then enter the buffer, the first first.
+    from dqd_ray.roles.replay import ReplayBuffer
+    from dqd_ray.runtime.evaluator import PooledEvaluator
+    from dqd_ray.runtime.placement import InProcess
+
+    spec = PolicySpec(15, 3, [16, 16])
+    genomes = hopper_genomes(spec, 6)
+    seeds = np.arange(6)
+    p = InProcess()
+
+    def evaluator():
+        buf = ReplayBuffer(15, 3, 2, capacity=10_000, seed=0)
+        w = RolloutWorker("QDHopperBulletEnv-v0", spec, num_envs=2, episode_length=60,
+                          sink=p.sink(buf))
+        return PooledEvaluator(p, [w], buf, keyed=True), buf, w
+
+    plain, buf_plain, w1 = evaluator()
+    held, buf_held, w2 = evaluator()
+    drawn = []
+    try:
+        plain.evaluate(genomes[:3], seeds[:3])
+        plain.evaluate(genomes[3:], seeds[3:])
+        held.before_commit = lambda: drawn.append(len(buf_held))
+        held.hold_commit()
+        first = held.evaluate(genomes[:3], seeds[:3])
+        assert len(buf_held) == 0 and drawn == []  # held: nothing entered, no hook yet
+        second = held.evaluate(genomes[3:], seeds[3:])
+    finally:
+        w1.close()
+        w2.close()
+    assert drawn == [0]  # the hook ran once, before the commit
+    assert len(buf_held) == len(buf_plain) == first["env_steps"] + second["env_steps"] > 0
+    for k in buf_plain._data:
+        np.testing.assert_array_equal(buf_held._data[k], buf_plain._data[k])

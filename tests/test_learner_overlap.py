@@ -100,3 +100,23 @@ def test_updates_sent_with_their_stage_wait_for_it():
     t0 = time.monotonic()
     assert lr.train_staged(None, 8, timeout_s=0.3) == {"updates": 0}
     assert 0.3 <= time.monotonic() - t0 < 30
+
+
+def test_jacobian_of_an_empty_buffer_is_seeded_random_directions():
+    # The first iteration's jacobian comes before any experience reaches the
+    # buffer (as in the paper's code): random directions, from the learner's
+    # seeded generator, so runs still repeat.
+    def learner():
+        spec = PolicySpec(obs_dim=OBS, act_dim=ACT, hidden_sizes=[8])
+        cfg = TD3Config(critic_hidden_sizes=[16], batch_size=32, learning_starts=100)
+        return Learner(spec, REW, cfg, ReplayBuffer(OBS, ACT, REW, capacity=100, seed=0),
+                       seed=3)
+
+    a, b = learner(), learner()
+    genomes = np.stack([a.ensemble.spec.init_genome(np.random.default_rng(i)) for i in range(2)])
+    ja, jb = a.jacobian(genomes), b.jacobian(genomes)
+    assert ja.shape == (2, REW, genomes.shape[1]) and np.isfinite(ja).all()
+    np.testing.assert_array_equal(ja, jb)  # seeded
+    assert not np.array_equal(a.jacobian(genomes), ja)  # a new draw each call
+    # Standard normal: about 400 draws, so 4 standard errors of the mean and of the std.
+    assert abs(float(ja.mean())) < 0.2 and 0.85 < float(ja.std()) < 1.15

@@ -143,6 +143,16 @@ def test_reported_archive_is_the_best_ever_per_cell_greedy_actor_included(preset
         return points, eps
 
     system.coordinator._es_points = spy
+    greedy: set[bytes] = set()  # the greedy actors' genomes, as the evaluator got them
+    if system.coordinator.greedy:
+        greedy_genome = system.coordinator.learner.greedy_genome
+
+        def greedy_spy():
+            g = greedy_genome()
+            greedy.add(np.asarray(g, np.float32).tobytes())
+            return g
+
+        system.coordinator.learner.greedy_genome = greedy_spy
     try:
         history = [system.iteration() for _ in range(4)]
         result = system.coordinator.result_archive
@@ -161,10 +171,11 @@ def test_reported_archive_is_the_best_ever_per_cell_greedy_actor_included(preset
             assert f == pytest.approx(best[int(cell)][0], rel=1e-6)
             np.testing.assert_array_equal(sol, best[int(cell)][1].astype(sol.dtype))
         if system.coordinator.greedy:
-            # Every second call evaluates the greedy actor (row 0) with the branches:
-            # some of its results must be the best of their cell, or this test
-            # proves nothing about it.
-            assert any(call % 2 == 1 and row == 0 for _, _, (call, row) in best.values())
+            # The greedy actor is evaluated with theta and the branches: some of
+            # its results must be the best of their cell, or this test proves
+            # nothing about it.
+            assert greedy and any(np.asarray(g, np.float32).tobytes() in greedy
+                                  for _, g, _ in best.values())
         assert history[-1]["num_elites"] == len(best)
         if preset in ANNEALED:  # the annealed archive dropped some cell's best: kept here
             annealed = system.coordinator.archive.data()
@@ -188,10 +199,12 @@ def test_invalid_greedy_actor_is_counted_and_never_inserted():
         learner.load_state_dict(state)
         before = system.archive()
         m = system.iteration()
-        genomes, greedy_out = recorder.calls[-1]  # the greedy actor is row 0 of the batch
-        assert len(genomes) == 5 and np.isnan(genomes[0]).all()
-        assert np.isfinite(genomes[1:]).all() and greedy_out["valid"][1:].all()
-        assert not greedy_out["valid"][0]
+        # One batch: theta (row 0), the greedy actor (row 1), the 4 branches.
+        genomes, greedy_out = recorder.calls[-1]
+        assert len(genomes) == 6 and np.isnan(genomes[1]).all()
+        rest = np.r_[0, 2:6]
+        assert np.isfinite(genomes[rest]).all() and greedy_out["valid"][rest].all()
+        assert not greedy_out["valid"][1]
         assert m["invalid"] == 1
         assert not m.get("greedy_inserted_this_iteration", False)
         assert m["greedy_inserted"] == 1  # from the first iteration only
@@ -313,11 +326,11 @@ def signal_on_call(monkeypatch, cls, method: str, call: int, sig=signal.SIGINT, 
     monkeypatch.setattr(cls, method, wrapper)
 
 
-# Per iteration of cma_mega_td3: stage critic updates, evaluate theta, jacobian,
-# greedy actor, critic updates and evaluation of the greedy actor with the branches.
+# Per iteration of cma_mega_td3: stage critic updates, jacobian, greedy actor,
+# critic updates and one evaluation: theta, the greedy actor and the branches.
 STOP_POINTS = [
-    (RolloutWorker, "evaluate", 4, signal.SIGINT, 2),  # iteration 2, branches
-    (RolloutWorker, "evaluate", 5, signal.SIGTERM, 3),  # iteration 3, theta
+    (RolloutWorker, "evaluate", 2, signal.SIGINT, 2),  # iteration 2, its batch
+    (RolloutWorker, "evaluate", 3, signal.SIGTERM, 3),  # iteration 3, its batch
     (Learner, "jacobian", 2, signal.SIGINT, 2),  # iteration 2, gradient step
     (Learner, "train_staged", 3, signal.SIGTERM, 3),  # iteration 3, critic updates
 ]
@@ -345,8 +358,8 @@ def test_stop_signal_checkpoints_the_running_iteration_and_resumes_exactly(
 
 def test_second_signal_stops_at_once_and_keeps_the_last_checkpoint(
         tmp_path, monkeypatch, reference, capsys):
-    # Two Ctrl-C inside iteration 3's branch evaluation; checkpoints every 2.
-    signal_on_call(monkeypatch, RolloutWorker, "evaluate", 6, times=2)
+    # Two Ctrl-C inside iteration 3's evaluation; checkpoints every 2.
+    signal_on_call(monkeypatch, RolloutWorker, "evaluate", 3, times=2)
     summary, out = run(tmp_path, "run", "iterations=1000", "checkpoint.every=2")
     assert summary["interrupted"] is True and summary["final"]["iteration"] == 2
     assert "stopped at once; resume point: the checkpoint of iteration 2" in capsys.readouterr().out

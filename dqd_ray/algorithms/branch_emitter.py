@@ -53,3 +53,20 @@ class BranchEmitter(GradientArborescenceEmitter):
             return super().ask()  # raises pyribs' own error when called out of order
         coefficients = np.asarray(self._opt.ask())
         return branches(np.asarray(self._grad_opt.theta), jac[0], coefficients)
+
+    def tell_jacobian(self, jacobian: np.ndarray) -> None:
+        """The part of :meth:`tell_dqd` that :meth:`ask` needs: the jacobian,
+        checked and normalized (in place) as ``tell_dqd`` does. Lets the
+        coordinator evaluate theta together with its branches (see
+        :meth:`dqd_ray.algorithms.scheduler.MaskedScheduler.tell_jacobian`)."""
+        jacobian = np.asarray(jacobian)
+        shape = (self.archive.measure_dim + 1, self.archive.solution_dim)
+        if jacobian.ndim != 3 or jacobian.shape[1:] != shape:
+            raise ValueError(f"jacobian has shape {jacobian.shape}; expected (batch, *{shape})")
+        if not np.all(np.isfinite(jacobian)):
+            raise ValueError("All elements of jacobian must be finite (infinity and NaN "
+                             "values are not supported).")
+        if self._normalize_grads:
+            norms = np.linalg.norm(jacobian, axis=2, keepdims=True) + self._epsilon
+            jacobian /= norms
+        self._jacobian_batch = jacobian

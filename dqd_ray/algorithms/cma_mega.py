@@ -78,14 +78,16 @@ def needs(cfg, measure_dim: int) -> Needs:
 
 
 def first_half_evaluations(cfg, needs: Needs) -> int:
-    """Theta of each emitter and its ES samples, evaluated before the jacobian."""
+    """The ES samples of each emitter's theta, evaluated before the jacobian
+    (theta itself is evaluated with its branches: see
+    :meth:`dqd_ray.roles.coordinator.Coordinator._gradient_step`)."""
     es = cfg.es.num_samples if needs.es_rows else 0
-    return cfg.algorithm.num_emitters * (1 + es)
+    return cfg.algorithm.num_emitters * es
 
 
 def evaluations_per_iteration(cfg, needs: Needs) -> int:
     a = cfg.algorithm
-    return first_half_evaluations(cfg, needs) + a.num_emitters * a.batch_size \
+    return first_half_evaluations(cfg, needs) + a.num_emitters * (1 + a.batch_size) \
         + int(needs.greedy_insert)
 
 

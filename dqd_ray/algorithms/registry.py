@@ -9,7 +9,7 @@ An algorithm is a module (or any object) that declares everything about itself:
 - ``evaluations_per_iteration(cfg, needs) -> int``: evaluations one iteration
   counts, from the experiment config alone;
 - ``first_half_evaluations(cfg, needs) -> int`` (optional, default 0): what is
-  evaluated before the gradients are needed (theta and its ES samples), for
+  evaluated before the gradients are needed (the ES samples of theta), for
   ``bench iteration``'s projection;
 - ``state_classes() -> (classes, arrays)`` (optional): the classes its
   checkpoint state may hold, and ``{class: {attribute: ArraySpec}}`` for arrays

@@ -84,6 +84,9 @@ class MaskedScheduler(Scheduler):
     """
 
     valid_mask: np.ndarray | None = None
+    #: The thetas told apart from their results (tell_jacobian), during one
+    #: iteration only: never in a checkpoint.
+    _thetas: tuple | None = None
 
     def _add_to_archives(self, data):
         mask = self.valid_mask
@@ -101,6 +104,48 @@ class MaskedScheduler(Scheduler):
             value[mask] = info["value"]
             value[~mask] = min(float(np.min(info["value"])), 0.0) - 1e6
         return {"status": status, "value": value}
+
+    # -- theta evaluated with its branches ------------------------------------
+
+    @property
+    def tells_jacobian_first(self) -> bool:
+        """Whether every emitter takes its jacobian apart from theta's results
+        (:meth:`tell_jacobian`): then theta may be evaluated with the branches."""
+        return all(hasattr(e, "tell_jacobian") for e in self._emitters)
+
+    def tell_jacobian(self, jacobian) -> None:
+        """The part of ``tell_dqd`` the branches need, before theta is evaluated:
+        each emitter's jacobian (checked and normalized as ``tell_dqd`` does).
+        Then :meth:`ask` may be called; :meth:`tell_thetas` inserts the thetas,
+        once evaluated, and must come before :meth:`tell`. The archive sees
+        what ``tell_dqd`` then ``tell`` would give it, in the same order."""
+        if self._last_called != "ask_dqd":
+            raise RuntimeError("tell_jacobian() was called without calling ask_dqd().")
+        jacobian = np.asarray(jacobian)
+        self._check_length("jacobian", jacobian)
+        pos = 0
+        for emitter, n in zip(self._emitters, self._num_emitted, strict=True):
+            emitter.tell_jacobian(jacobian[pos:pos + n])
+            pos += n
+        self._thetas = (self._cur_solutions, list(self._num_emitted))
+        self._last_called = "tell_dqd"
+
+    def tell_thetas(self, objective, measures, **fields) -> None:
+        """The thetas' insertion into the archives (what ``tell_dqd`` inserts),
+        after :meth:`tell_jacobian` and :meth:`ask`, before :meth:`tell`."""
+        thetas = self._thetas
+        if thetas is None or self._last_called != "ask":
+            raise RuntimeError("tell_thetas() belongs after tell_jacobian() and ask(), "
+                               "before tell()")
+        batch = (self._cur_solutions, self._num_emitted)
+        self._cur_solutions, self._num_emitted = thetas[0], list(thetas[1])
+        try:
+            data = self._validate_tell_data({"objective": objective, "measures": measures,
+                                             **fields})
+            self._add_to_archives(data)
+        finally:
+            self._cur_solutions, self._num_emitted = batch
+        del self._thetas  # back to the class's None: nothing of it is checkpointed
 
     def replace_batch(self, solutions: np.ndarray) -> None:
         """Makes ``solutions`` the batch the next :meth:`tell` inserts, in place of

@@ -4,8 +4,8 @@ phase, and the projected wall time of a whole paper run.
 The run is the preset as configured (CMA-MEGA (TD3, ES): 200 evaluations, 600
 critic updates staged from the experience up to the previous iteration and run
 while the branches are evaluated, a 65,536-state jacobian) on this machine's
-Ray. Each iteration is split into: theta and its ES samples, the jacobian,
-the branches (with the greedy actor), the wait for critic training after the
+Ray. Each iteration is split into: theta's ES samples, the jacobian, theta
+with its branches (and the greedy actor), the wait for critic training after the
 branches, robustness, the coordinator's own work (ask/tell, CMA-ES, ES
 estimate) and, once, a checkpoint. The critic updates start when staged, at the
 start of the iteration, and run through both halves (the learners answer the
@@ -20,7 +20,8 @@ The projection, printed with its inputs::
              + ceil(R / W) * t_ep + t_coord + t_ckpt / C)
 
 I iterations (evaluations / per-iteration evaluations), H1 and H2 the two
-halves of the batch (theta + ES samples; branches + greedy actor), W rollout
+halves of the batch (the ES samples; theta, the branches and the greedy
+actor), W rollout
 CPUs, R robustness episodes per iteration, t_ep the time of one episode on one
 core (``episode_steps`` / the env steps per second of the rollout workers'
 own CPU time, measured inside these iterations: what a core of their own gives,
@@ -29,7 +30,7 @@ phases' wall time is printed too), t_jac and
 t_train the learner's jacobian and critic-update times (measured here, or taken
 from a ``dqd-ray bench learner --json`` file, e.g. one made on a GPU), t_coord
 the coordinator's measured time, t_ckpt / C the checkpoint cost per iteration
-(its capture: the write runs in the background).
+(its capture: the roles' copies are gathered and written in the background).
 ``--assume-updates-per-s`` and ``--assume-jacobian-s`` replace the learner's
 figures with assumed ones (a what-if, labelled as such in the output).
 ``episode_steps`` is 1000 (the cap: every episode runs to the time limit) unless
@@ -141,8 +142,8 @@ def run(preset: str = "cma_mega_td3_es", env_id: str = "QDAntBulletEnv-v0",
         done_updates = int(m.get("critic_updates", 0)) - prev_updates  # the counter is cumulative
         prev_updates = int(m.get("critic_updates", 0))
         train = m.get("critic_train_s")
-        # The updates start when staged and run through the first half (theta,
-        # its ES samples and the jacobian) and the second (the branches).
+        # The updates start when staged and run through the first half (theta's
+        # ES samples and the jacobian) and the second (theta and its branches).
         h1 = min(train, m["phase_theta_es_s"] + m["phase_jacobian_s"]) if train else 0.0
         h2 = min(train - h1, m["phase_batch_s"]) if train else 0.0
         table.append({

@@ -10,12 +10,16 @@ iteration, in sync learner mode:
    requests from the networks as they were when staged (see
    :meth:`~dqd_ray.roles.learner.Learner.stage`), so the numbers are those
    of the paper's order (updates during the branches, after the jacobian);
-2. DQD algorithms: ``ask_dqd`` -> evaluate theta (with its ES samples) ->
-   gradient rows (critics, ES, or an exact jacobian) -> ``tell_dqd``;
+2. DQD algorithms: ``ask_dqd`` -> evaluate theta's ES samples (their
+   transitions held until the iteration's end) -> gradient rows (critics,
+   ES, or an exact jacobian) -> the emitters take the jacobian
+   (``tell_jacobian``, the part of ``tell_dqd`` the branches need);
 3. ``ask``; fill the rows emitters asked for (greedy actor, PG variants);
    add the greedy actor when the algorithm inserts it itself;
-4. evaluate the batch, insert the greedy actor, ``tell`` the rest, wait for
-   the updates;
+4. evaluate theta, the greedy actor and the branches in one batch; insert
+   theta (``tell_thetas``: what ``tell_dqd`` inserts), then the greedy actor,
+   ``tell`` the rest, wait for the updates (emitters without
+   ``tell_jacobian`` evaluate theta with its samples and ``tell_dqd`` it);
 5. robustness of the best elite when due; metrics.
 
 Algorithms whose emitters run their own generation (ME-ES, ``Needs.es_steps``)
@@ -127,9 +131,13 @@ class Coordinator:
     def result_archive(self):
         return self.scheduler.result_archive
 
+    def _seeds(self, n: int) -> np.ndarray:
+        return self.rng.integers(0, 2**31 - 1, size=n)
+
     def _evaluate(self, genomes: np.ndarray, record: bool = True, count: bool = True,
-                  **options) -> dict:
-        seeds = self.rng.integers(0, 2**31 - 1, size=len(genomes))
+                  seeds: np.ndarray | None = None, **options) -> dict:
+        if seeds is None:
+            seeds = self._seeds(len(genomes))
         if record:
             out = self.evaluator.evaluate(genomes, seeds, **options)
         else:
@@ -229,12 +237,14 @@ class Coordinator:
         steps0, evals0 = self.counters["env_steps"], self.counters["evaluations"]
         metrics: dict[str, Any] = {}
         training = self._stage_training(timer)                     # 1
+        late = None  # thetas left to the branches' half, with their seeds
         if self.needs.dqd:
-            metrics.update(self._gradient_step(timer))             # 2
+            grad_metrics, late = self._gradient_step(timer)       # 2
+            metrics.update(grad_metrics)
         if self.needs.es_steps:
             metrics.update(self._es_generation(timer))             # 2-4, ME-ES
         else:
-            metrics.update(self._batch(timer))                     # 3-4
+            metrics.update(self._batch(timer, late))               # 3-4
         train_info = self._finish_training(training, timer)        # 4
         self.counters["iteration"] += 1
         self._after_iteration(timer)                               # 5
@@ -255,31 +265,60 @@ class Coordinator:
                 training.drawn()
         return training
 
-    def _gradient_step(self, timer: PhaseTimer) -> dict:
-        """Step 2: ``ask_dqd``, evaluate theta (and its ES samples), the gradient
-        rows, ``tell_dqd``."""
+    def _gradient_step(self, timer: PhaseTimer) -> tuple[dict, tuple | None]:
+        """Step 2: ``ask_dqd``, the ES samples, the gradient rows; then either
+        ``tell_dqd`` after evaluating theta with its samples, or (every emitter
+        taking its jacobian first) the jacobian told now and theta returned, to
+        be evaluated with its branches (see :meth:`_batch`).
+
+        The jacobian needs theta's genome, not its episode: evaluating theta
+        with the branches leaves the first half its ES samples only (100
+        evaluations at the paper's settings instead of 101: one round of
+        episodes on 100 rollout CPUs instead of two; none at all without ES
+        rows). The archive gets theta, the greedy actor and the branches in
+        that order either way, and the first half's transitions are held
+        until the iteration's end, so the jacobian, like the critic updates,
+        sees the experience up to the previous iteration (as in the paper's
+        code, which adds an iteration's experience at its end)."""
         sched = self.scheduler
         thetas = sched.ask_dqd()
-        batch, eps = thetas, None
-        if self.es_rows and self.exact_jacobian is None:
-            # theta first, then its samples, built where the rollouts read them.
-            batch, eps = self._es_points(thetas, lead=len(thetas))
-            batch[:len(thetas)] = thetas
-        with timer("rollout_s", "phase_theta_es_s"):
-            out_all = self._evaluate(batch)
-        n = len(thetas)
-        out = {k: v[:n] if isinstance(v, np.ndarray) else v for k, v in out_all.items()}
+        late = sched.tells_jacobian_first
+        es = self.es_rows and self.exact_jacobian is None
+        batch, eps, lead = thetas, None, 0 if late else len(thetas)
+        if es:
+            # theta first (unless it is evaluated later), then its samples, built
+            # where the rollouts read them.
+            batch, eps = self._es_points(thetas, lead=lead)
+            batch[:lead] = thetas[:lead]
+        out_all: dict = {}
+        # Theta's episode seed is drawn with its samples' (as when it ran with
+        # them): the same episodes whichever half runs it.
+        seeds = self._seeds(len(thetas) + len(batch) - lead if es else len(thetas))
+        theta_seeds, seeds = seeds[:len(thetas)], seeds[len(thetas) - lead:]
+        if not late or es:
+            hold = getattr(self.evaluator, "hold_commit", None) if late else None
+            if hold is not None:
+                hold()
+            with timer("rollout_s", "phase_theta_es_s"):
+                out_all = self._evaluate(batch, seeds=seeds)
         es_out = None
         if eps is not None:
-            es_out = ({k: v[n:] for k, v in out_all.items() if isinstance(v, np.ndarray)}, eps)
+            es_out = ({k: v[lead:] for k, v in out_all.items() if isinstance(v, np.ndarray)},
+                      eps)
         with timer("gradient_s", "phase_jacobian_s"):
             jac = self.jacobian(thetas, es_out)
         norms = np.linalg.norm(jac, axis=2)  # before the emitter normalizes in place
+        metrics = {"grad_norm_fitness": float(norms[:, 0].mean()),
+                   "grad_norm_measures": float(norms[:, 1:].mean())}
+        if late:
+            sched.tell_jacobian(jac)
+            return metrics, (thetas, theta_seeds)
+        n = len(thetas)
+        out = {k: v[:n] if isinstance(v, np.ndarray) else v for k, v in out_all.items()}
         obj, meas = self._finite_data(out)
         sched.valid_mask = out["valid"]
         sched.tell_dqd(obj, meas, jac, seed=out["seed"])
-        return {"grad_norm_fitness": float(norms[:, 0].mean()),
-                "grad_norm_measures": float(norms[:, 1:].mean())}
+        return metrics, None
 
     def _es_generation(self, timer: PhaseTimer) -> dict:
         """Steps 2-4 of emitters that run their own generation (ME-ES)."""
@@ -299,22 +338,44 @@ class Coordinator:
                 metrics["mean_evaluation"] = float(fits.mean())
         return metrics
 
-    def _batch(self, timer: PhaseTimer) -> dict:
-        """Steps 3-4: ask, fill emitter requests, evaluate, tell."""
+    def _batch(self, timer: PhaseTimer, late: tuple | None = None) -> dict:
+        """Steps 3-4: ask, fill emitter requests, evaluate (with the thetas first,
+        when :meth:`_gradient_step` left them to this half: ``late`` is
+        ``(thetas, their seeds)``), insert the thetas, then tell."""
         sched, needs, metrics = self.scheduler, self.needs, {}
+        thetas, theta_seeds = late if late is not None else (None, None)
         sols = sched.ask()
         with timer("gradient_s"):
             if needs.pg_variation:
                 sols = self._emitter_requests(sols)
                 sched.replace_batch(sols)  # the archive gets what was evaluated
+            rows = [] if thetas is None else [thetas]
+            greedy = np.asarray(self.learner.greedy_genome())[None] if self.greedy else None
+            if greedy is not None:
+                rows.append(greedy)
             batch = sols
-            if self.greedy:
-                batch = np.concatenate([np.asarray(self.learner.greedy_genome())[None], sols])
+            if rows:
+                # In the evaluator's dtype when it has one (one copy, not two);
+                # what enters the archive is the emitters' and learner's own.
+                dtype = (getattr(self.evaluator, "genome_dtype", None) if thetas is not None
+                         else None) or np.result_type(sols, *rows)
+                batch = np.concatenate([*rows, sols], dtype=dtype)
+        seeds = None
+        if thetas is not None:
+            seeds = np.concatenate([theta_seeds, self._seeds(len(batch) - len(thetas))])
         with timer("rollout_s", "phase_batch_s"):
-            out_b = self._evaluate(batch)
+            out_b = self._evaluate(batch, seeds=seeds)
+        if thetas is not None:
+            t = len(thetas)
+            out_t = {k: v[:t] if isinstance(v, np.ndarray) else v for k, v in out_b.items()}
+            out_b = {k: v[t:] if isinstance(v, np.ndarray) else v for k, v in out_b.items()}
+            obj_t, meas_t = self._finite_data(out_t)
+            sched.valid_mask = out_t["valid"]
+            sched.tell_thetas(obj_t, meas_t, seed=out_t["seed"])
+            sched.valid_mask = None
         g = 1 if self.greedy else 0
         if g:
-            metrics.update(self._insert_greedy(batch[:1], out_b))
+            metrics.update(self._insert_greedy(greedy, out_b))
         rest = {k: v[g:] if isinstance(v, np.ndarray) else v for k, v in out_b.items()}
         obj_b, meas_b = self._finite_data(rest)
         sched.valid_mask = rest["valid"]

@@ -313,10 +313,20 @@ class Learner:
     # -- gradients -----------------------------------------------------------
 
     def jacobian(self, genomes: np.ndarray, states: np.ndarray | None = None) -> np.ndarray:
-        """``(G, len(objectives), D)`` uphill gradients of mean Q over buffer states."""
+        """``(G, len(objectives), D)`` uphill gradients of mean Q over buffer states.
+
+        With an empty buffer (the first iteration: its experience enters the
+        buffer at its end) the rows are random directions, drawn from this
+        learner's seeded generator, as the paper's code does; the emitter
+        normalizes them, so they are uniform on the sphere."""
         if states is None:
-            if self.sampler is None or self.sampler.size() == 0:
-                raise RuntimeError("jacobian needs states: the replay buffer is empty")
+            if self.sampler is None:
+                raise RuntimeError("jacobian needs states: this learner has no replay buffer")
+            if self.sampler.size() == 0:
+                genomes = np.asarray(genomes)
+                rng = np.random.default_rng(self._seed())
+                return rng.standard_normal(
+                    (len(genomes), len(self.objectives), genomes.shape[1])).astype(np.float32)
             states = self.sampler.sample_states(self.cfg.jacobian_states, self._seed())
         with self._networks() as nets:
             return nets.jacobian(np.asarray(genomes, np.float32), states)

@@ -28,6 +28,15 @@ class PooledEvaluator:
         # Called once before the next commit: staged critic batches must be drawn
         # before the buffer takes new experience (see StagedTraining.drawn).
         self.before_commit = None
+        self._hold = False
+
+    def hold_commit(self) -> None:
+        """The next :meth:`evaluate` leaves its transitions staged: the call after
+        it commits both (in key order: the first call's first). The coordinator
+        holds the first half's experience until the iteration's end, so that
+        the jacobian, like the critic updates, sees the experience up to the
+        previous iteration."""
+        self._hold = True
 
     def evaluate(self, genomes: np.ndarray, seeds: np.ndarray, record: bool = True,
                  **options) -> dict:
@@ -65,7 +74,8 @@ class PooledEvaluator:
             _, w, part = running.pop(id(done))
             results[part] = p.get(done)
             free.append(w)
-        if keyed:
+        hold, self._hold = self._hold, False
+        if keyed and not hold:
             hook, self.before_commit = self.before_commit, None
             if hook is not None:
                 hook()
