@@ -120,3 +120,17 @@ def test_jacobian_of_an_empty_buffer_is_seeded_random_directions():
     assert not np.array_equal(a.jacobian(genomes), ja)  # a new draw each call
     # Standard normal: about 400 draws, so 4 standard errors of the mean and of the std.
     assert abs(float(ja.mean())) < 0.2 and 0.85 < float(ja.std()) < 1.15
+
+
+def test_random_jacobian_rows_do_not_depend_on_how_objectives_are_split():
+    def learner(objectives):
+        spec = PolicySpec(obs_dim=OBS, act_dim=ACT, hidden_sizes=[8])
+        cfg = TD3Config(critic_hidden_sizes=[16], batch_size=32, learning_starts=100)
+        return Learner(spec, REW, cfg, ReplayBuffer(OBS, ACT, REW, capacity=100, seed=0),
+                       seed=3, objectives=objectives)
+
+    genomes = np.zeros((2, PolicySpec(obs_dim=OBS, act_dim=ACT, hidden_sizes=[8]).genome_dim))
+    whole = learner([0, 1, 2]).jacobian(genomes)
+    parts = np.concatenate([learner([0, 1]).jacobian(genomes), learner([2]).jacobian(genomes)],
+                           axis=1)
+    np.testing.assert_array_equal(whole, parts)

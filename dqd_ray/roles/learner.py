@@ -317,16 +317,19 @@ class Learner:
 
         With an empty buffer (the first iteration: its experience enters the
         buffer at its end) the rows are random directions, drawn from this
-        learner's seeded generator, as the paper's code does; the emitter
-        normalizes them, so they are uniform on the sphere."""
+        learner's seeded generator (one stream per objective), as the paper's
+        code does; the emitter normalizes them, so they are uniform on the
+        sphere."""
         if states is None:
             if self.sampler is None:
                 raise RuntimeError("jacobian needs states: this learner has no replay buffer")
             if self.sampler.size() == 0:
-                genomes = np.asarray(genomes)
-                rng = np.random.default_rng(self._seed())
-                return rng.standard_normal(
-                    (len(genomes), len(self.objectives), genomes.shape[1])).astype(np.float32)
+                # One stream per objective: the same rows however the
+                # objectives are split between learners.
+                genomes, seed = np.asarray(genomes), self._seed()
+                shape = (len(genomes), genomes.shape[1])
+                return np.stack([np.random.default_rng([seed, j]).standard_normal(shape)
+                                 for j in self.objectives], axis=1).astype(np.float32)
             states = self.sampler.sample_states(self.cfg.jacobian_states, self._seed())
         with self._networks() as nets:
             return nets.jacobian(np.asarray(genomes, np.float32), states)
