@@ -47,6 +47,9 @@ class BranchEmitter(GradientArborescenceEmitter):
     """:class:`~ribs.emitters.GradientArborescenceEmitter` whose :meth:`ask` makes
     the same branches without the ``(batch, 1 + k, D)`` temporary."""
 
+    #: :meth:`ask` returns a new array each call (the scheduler need not copy it).
+    returns_fresh_batches = True
+
     def ask(self) -> np.ndarray:
         jac = self._jacobian_batch
         if jac is None or jac.shape[0] != 1:
