@@ -37,9 +37,10 @@ LOOP = ("wall_s", "env_steps_per_s", "evaluations_per_s", "critic_updates_per_s"
         "time_coordinator_s", "worker_idle_frac", "replay_size", "worker_restarts",
         "replay_restarts", "checkpoint_capture_s", "checkpoint_write_s")
 """What the loop adds: throughput, the time split, the system's state and what
-checkpoints cost: ``checkpoint_capture_s`` (gathering this iteration's state
-into the driver, 0 where none was taken) and ``checkpoint_write_s`` (the newest
-background write that ended)."""
+checkpoints cost: ``checkpoint_capture_s`` (capturing this iteration's state:
+each role keeps a copy of its own, gathered in the background; 0 where none was
+taken) and ``checkpoint_write_s`` (the newest background write that ended, the
+gathering included)."""
 
 CORE = frozenset(COUNTERS + ARCHIVE + PHASES + ITERATION + LOOP)
 """Every iteration of every run reports these."""

@@ -186,7 +186,11 @@ def test_a_capture_lost_to_a_role_restart_skips_that_checkpoint_only(tmp_path, c
         raise CaptureLost("a role did not hand over its captured state (restarted)")
 
     path = writer.submit(2, lost)
+    writer._thread.join(10)
+    first_write_s = writer.records[0]["write_s"]
+    assert writer.last_write_s == first_write_s  # what the loop reads while it is pending
     assert writer.wait() is None and not writer.written(path)
+    assert writer.last_write_s == first_write_s
     out = capsys.readouterr().out
     assert "ckpt_0000002 not written" in out and "iteration 1 stays the resume point" in out
     assert writer.last_iteration == 1

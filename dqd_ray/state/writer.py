@@ -99,7 +99,7 @@ class CheckpointWriter:
         """Seconds of the newest background write that ended well (0 before the first)."""
         job, thread = self._job, self._thread
         if job is not None and thread is not None and not thread.is_alive() \
-                and job["error"] is None:
+                and job["error"] is None and "write_s" in job:  # not lost (CaptureLost)
             return job["write_s"]
         return self.records[-1]["write_s"] if self.records else 0.0
 
