@@ -44,9 +44,6 @@ warning; files that are rewritten (``config.yaml``, ``metrics.jsonl``,
 from __future__ import annotations
 
 import json
-import os
-import signal
-import threading
 import time
 import uuid
 import warnings
@@ -71,6 +68,7 @@ from dqd_ray.state.rundir import (  # RunDirInUse: what a second `run`/`resume` 
     torn_warning,
 )
 from dqd_ray.state.writer import WRITE_TIMEOUT_S, CheckpointWriter
+from dqd_ray.stopping import GracefulStop, RunFailed, _cause  # RunFailed: re-exported
 
 # Fields a resume may change; anything else must match the original run.
 RESUMABLE = ("iterations", "evaluations", "logging", "checkpoint")
@@ -95,63 +93,6 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
             out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
         return out
     return [] if a == b else [f"{prefix[:-1]}: run has {a!r}, requested {b!r}"]
-
-
-class RunFailed(RuntimeError):
-    """A run stopped by a failure (a role's error, a missed deadline); the
-    message names the cause and the checkpoint to resume from."""
-
-
-def _cause(err: BaseException) -> BaseException:
-    """The error a role raised, unwrapped from Ray's task errors."""
-    seen = set()
-    while id(err) not in seen:
-        seen.add(id(err))
-        inner = getattr(err, "cause", None)
-        if isinstance(inner, BaseException):
-            err = inner
-        else:
-            break
-    return err
-
-
-class GracefulStop:
-    """Turns SIGINT/SIGTERM into a stop request checked between iterations.
-
-    The first signal only sets :attr:`requested` (nothing is interrupted, so
-    no role is left half-way through an iteration); the second raises
-    ``KeyboardInterrupt`` for an immediate stop. Handlers are installed only
-    in the main thread (elsewhere, e.g. inside a Tune trial, the caller stops
-    the loop) and restored on exit.
-    """
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.requested: str | None = None
-        self._previous: dict = {}
-
-    def __enter__(self) -> "GracefulStop":
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
-
-    def _handle(self, signum, frame) -> None:
-        name = signal.Signals(signum).name
-        if self.requested is not None:
-            raise KeyboardInterrupt(f"second stop signal ({name})")
-        self.requested = name
-        msg = (f"\n{name}: stopping after the running iteration completes and checkpointing "
-               "it; send it again to stop at once (the unfinished iteration is then lost)\n")
-        try:
-            print(msg, end="", flush=True)
-        except RuntimeError:  # the signal came in the middle of another print
-            os.write(2, msg.encode())
 
 
 def make_system(cfg: ExperimentConfig, backend: Backend, torch_threads: int | None = None,
