@@ -152,6 +152,8 @@ class _Streaming:
         self.worker = ray.remote(num_cpus=0)(RolloutWorker).remote(
             env_id, spec, num_envs=4, episode_length=episode_length,
             sink=ReplaySink(self.replay))
+        # Timed calls find both actors started, as a run's iterations do.
+        ray.get([self.worker.stats.remote(), self.replay.size.remote()], timeout=600)
         self.calls = 0
 
     def evaluate(self, genomes: np.ndarray, seeds: np.ndarray) -> tuple[float, np.ndarray]:

@@ -235,17 +235,22 @@ class QDLocomotionEnv(gym.Env):
 
     # -- gymnasium API ---------------------------------------------------
 
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
-        super().reset(seed=seed)
+    def load(self) -> None:
+        """Loads the robot into its physics client now (the first ``reset``
+        does it otherwise): a worker pays for it while it starts, not in its
+        first evaluation."""
         if self._robot is None:
-            self._robot = load_robot(self.spec_robot)
-            r = self._robot
+            self._robot = r = load_robot(self.spec_robot)
             # Plain lists: pybullet reads them faster than numpy arrays.
             self._joint_list = [int(j) for j in r.joint_ids]
             self._part_list = [int(i) for i in r.part_link_ids]
             self._joint_mid = r.joint_mid.tolist()
             self._joint_half = r.joint_half_range.tolist()
             self._all_feet_measured = list(self._measure_idx) == list(range(len(r.feet_links)))
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        super().reset(seed=seed)
+        self.load()
         r, kw = self._robot, {"physicsClientId": self._robot.client}
         pybullet.restoreState(r.state_id, **kw)
         for j in r.joint_ids:

@@ -139,6 +139,8 @@ class RolloutWorker:
         self.env_id = env_id
         self.spec = policy_spec or PolicySpec(meta.obs_dim, meta.act_dim, hidden_sizes, activation)
         self.envs = [make_env(env_id, max_episode_steps=episode_length) for _ in range(num_envs)]
+        for env in self.envs:
+            env.load()  # while the worker starts, not in its first evaluation
         self.measure_dim = meta.measure_dim
         self.chunk_size = chunk_size
         self.time_limit_done = bool(time_limit_done)
