@@ -47,7 +47,10 @@ def test_rollout_learner_and_replay_nodes_removed_mid_run(report):
     assert r["worker_restarts"] >= 1
     # The archive never lost an elite.
     assert r["elites_never_decrease"], r["num_elites"]
-    assert r["checkpoints_compared"] >= 3 and r["elites_lost"] == 0
+    # Every checkpoint written was seen (the watcher looks while it waits),
+    # less any skipped because a role restarted between capture and write.
+    assert r["checkpoints_compared"] >= 2 and r["elites_lost"] == 0
+    assert r["checkpoints_compared"] + r["checkpoints_skipped"] >= 3, r
     assert r["elites_lost_between_checkpoints"] == 0
     # The learner restarted on the new node with the snapshot's critics: its
     # update count continues from the snapshot instead of starting again at 0.

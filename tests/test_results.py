@@ -80,16 +80,21 @@ def test_the_4d_heatmap_shares_one_colour_scale_and_labels_each_measure(runs):
     run = load_run(runs["ant"])
     names = env_metadata(ENVS["ant"]).measure_names
     fig = viz.heatmap(run.archive, [6, 6, 6, 6], names=names)
-    images = [im for ax in fig.axes for im in ax.get_images()]
-    assert len(images) == 36
-    assert {im.get_clim() for im in images} == {(float(run.archive["objective"].min()),
-                                                 float(run.archive["objective"].max()))}
+    (image,) = [im for ax in fig.axes for im in ax.get_images()]  # the 36 slices, one image
+    assert image.get_clim() == (float(run.archive["objective"].min()),
+                                float(run.archive["objective"].max()))
     text = " ".join(t.get_text() for t in fig.texts)
     for name in names:
         assert name.replace("_", " ") + " contact" in text
-    # Every elite is drawn in its slice and cell.
-    drawn = np.stack([np.ma.filled(im.get_array(), np.nan) for im in images])
+    # Every elite is drawn in its slice and cell, with a blank line between slices.
+    drawn = np.ma.filled(image.get_array(), np.nan)
+    assert drawn.shape == (6 * 7 - 1, 6 * 7 - 1)
     assert np.isfinite(drawn).sum() == len(run.archive["objective"])
+    assert np.isnan(drawn[6]).all() and np.isnan(drawn[:, 6]).all()
+    grid = viz.archive_grid(run.archive["index"], run.archive["objective"], [6, 6, 6, 6])
+    best = np.unravel_index(np.nanargmax(grid), grid.shape)
+    # measure 0 across, measure 1 up; within a slice measure 2 across, measure 3 up
+    assert drawn[best[1] * 7 + best[3], best[0] * 7 + best[2]] == np.nanmax(grid)
     plt.close(fig)
 
 

@@ -96,9 +96,11 @@ def _sets(items: list[str]) -> list[str]:
 
 
 def _wait(cond, timeout: float, what: str, proc: subprocess.Popen | None = None,
-          log: Path | None = None) -> None:
+          log: Path | None = None, on_poll=None) -> None:
     t0 = time.time()
     while not cond():
+        if on_poll is not None:
+            on_poll()
         if proc is not None and proc.poll() is not None:
             tail = log.read_text()[-3000:] if log and log.exists() else ""
             raise FaultError(f"the run exited (rc {proc.returncode}) while waiting for "
@@ -188,8 +190,11 @@ def _scenario_nodes(cluster, work: Path, preset: str, iterations: int, extra: li
                     ("rollout", rollout_b, {"num_cpus": 1, "resources": {"rollout": 1}}),
                     ("learner", learner_a, {"num_cpus": 1, "resources": {"learner": 1}}),
                     ("replay", replay_a, {"num_cpus": 0, "resources": {"replay": 1}})):
+                # Checkpoints are written in the background and pruned: look at
+                # each one while waiting, not only at the removals.
                 _wait(lambda role=role: _last_iteration(run_dir) >= at[role], timeout,
-                      f"iteration {at[role]} before removing the {role} node", proc, log)
+                      f"iteration {at[role]} before removing the {role} node", proc, log,
+                      on_poll=lambda: _copy_checkpoint_archives(run_dir, seen))
                 _copy_checkpoint_archives(run_dir, seen)
                 it = _last_iteration(run_dir)
                 t0 = time.time()
@@ -256,6 +261,10 @@ def _scenario_nodes(cluster, work: Path, preset: str, iterations: int, extra: li
         "probe_loss_fresh": float(probe.group(3)) if probe else None,
         "retried_task_lines": text.count("will be retried"),
         "elites_lost_between_checkpoints": _lost_between(seen),
+        # Checkpoints skipped because a role restarted between their capture
+        # and the gathering (the previous one stays the resume point).
+        "checkpoints_skipped": sum(1 for ln in _lines(log)
+                                   if "warning: ckpt_" in ln and "not written" in ln),
         "critic_loss_first_iteration": first.get("critic_loss"),
         "critic_loss_before_learner_loss": before_l.get("critic_loss"),
         "critic_loss_after_restore": next((x["critic_loss"] for x in after_l
