@@ -17,9 +17,10 @@ For each environment, in one run and alternating, median of the repeats:
 top of the simulator); ``ratio_4envs`` the same episodes on a worker stepping
 4 envs in lockstep (the default ``resources.envs_per_worker``);
 ``ratio_streaming`` the same episodes the way a run drives them (without
-``--no-stream``): a Ray rollout actor with 4 envs, fed chunks of 4 genomes,
+``--no-stream``): a Ray rollout actor with 4 envs, fed by the run's
+``PooledEvaluator`` (chunks of 4 genomes, more when episodes are short),
 streaming every transition keyed per genome to a replay actor that commits
-them after the call, timed from the caller. The goal holds when every
+them after the batch, timed from the caller, after one untimed batch. The goal holds when every
 measured path reaches it. The per-step
 split times each part alone on the same data: physics (``stepSimulation``
 inside the bare loop), the bare loop's reads, the environment layer's own
@@ -135,41 +136,37 @@ def _recording(spec: PolicySpec, measure_dim: int, episodes) -> float:
 
 class _Streaming:
     """The rollout path as a run drives it: a Ray rollout actor stepping 4 envs
-    in lockstep, fed chunks of 4 genomes (two calls queued, as the evaluator
-    does), streaming every transition, keyed per genome, to a replay actor that
-    commits them after the call (sync learner mode)."""
+    in lockstep, fed by the run's :class:`PooledEvaluator` (chunks of 4
+    genomes, more a call when the last batch's episodes were short; two calls
+    queued), streaming every transition, keyed per genome, to a replay actor
+    that commits them after the batch (sync learner mode). One untimed batch
+    first: the timed ones find the actors started and the evaluator with a
+    batch behind it, as a run's iterations do."""
 
-    def __init__(self, env_id: str, spec: PolicySpec, episode_length: int):
+    def __init__(self, env_id: str, spec: PolicySpec, episode_length: int,
+                 genomes: np.ndarray, seeds: np.ndarray):
         import ray
 
         from dqd_ray.roles.replay_actor import ReplayActor, ReplaySink
-        from dqd_ray.runtime.placement import init_ray
+        from dqd_ray.runtime.evaluator import PooledEvaluator
+        from dqd_ray.runtime.placement import OnRay, init_ray
 
         init_ray()
         meta = ROBOTS[env_id]
-        self.replay = ray.remote(num_cpus=0)(ReplayActor).remote(
-            meta.obs_dim, meta.act_dim, 1 + meta.measure_dim, 200_000, seed=0)
-        self.worker = ray.remote(num_cpus=0)(RolloutWorker).remote(
-            env_id, spec, num_envs=4, episode_length=episode_length,
-            sink=ReplaySink(self.replay))
-        # Timed calls find both actors started, as a run's iterations do.
+        p = OnRay()
+        self.replay = p.make(ReplayActor, {"num_cpus": 0, "role": "the replay buffer"},
+                             meta.obs_dim, meta.act_dim, 1 + meta.measure_dim, 200_000, seed=0)
+        self.worker = p.make(RolloutWorker, {"num_cpus": 0, "role": "rollout worker 0"},
+                             env_id, spec, num_envs=4, episode_length=episode_length,
+                             sink=ReplaySink(self.replay))
         ray.get([self.worker.stats.remote(), self.replay.size.remote()], timeout=600)
-        self.calls = 0
+        self.evaluator = PooledEvaluator(p, [self.worker], self.replay, chunk=4, keyed=True)
+        self.evaluate(genomes, seeds)
 
     def evaluate(self, genomes: np.ndarray, seeds: np.ndarray) -> tuple[float, np.ndarray]:
-        import ray
-
-        ref = ray.put(np.ascontiguousarray(genomes, np.float32))
-        parts = [np.arange(i, min(i + 4, len(genomes))) for i in range(0, len(genomes), 4)]
-        self.calls += 1
         t0 = time.perf_counter()
-        futures = [self.worker.evaluate_indices.remote(
-            ref, idx, seeds[idx], [(self.calls, int(i)) for i in idx]) for idx in parts]
-        out = ray.get(futures, timeout=600)
-        ray.get(self.replay.commit.remote(), timeout=600)
-        dt = time.perf_counter() - t0
-        length = np.concatenate([o["length"] for o in out])
-        return dt, length
+        out = self.evaluator.evaluate(genomes, seeds)
+        return time.perf_counter() - t0, out["length"]
 
     def close(self) -> None:
         import ray
@@ -219,7 +216,7 @@ def bench_env(env_id: str, genomes: int = 8, repeats: int = 3, seed: int = 0,
     # The same episodes on a worker stepping 4 envs in lockstep (the default
     # resources.envs_per_worker): one batched policy forward per step.
     wide = RolloutWorker(env_id, spec, num_envs=4, episode_length=episode_length, sink=drop)
-    streaming = _Streaming(env_id, spec, episode_length) if stream else None
+    streaming = _Streaming(env_id, spec, episode_length, gs, seeds) if stream else None
     t = {"worker": [], "worker_4envs": [], "bare": [], "physics": [], "bare_reset": [], "env": [],
          "env_reset": [], "policy": [], "recording": [], "streaming": []}
     for _ in range(repeats):

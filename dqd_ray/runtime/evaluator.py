@@ -21,10 +21,16 @@ class PooledEvaluator:
     #: What the rollout workers run: the coordinator builds ES batches in it.
     genome_dtype = np.float32
 
+    #: Steps a call should hold at least: a call has a fixed cost (the Ray
+    #: call, the transitions' last batch and its wait), which episodes of a
+    #: fallen robot (tens of steps) do not amortize over ``chunk`` genomes.
+    min_call_steps = 2000
+
     def __init__(self, placement, workers: list, replay, chunk: int = 4, keyed: bool = False):
         self.placement, self.workers, self.replay = placement, list(workers), replay
         self.chunk, self.keyed = chunk, keyed
         self.calls = 0
+        self.mean_length: float | None = None  # steps per episode of the last call
         # Called once before the next commit: staged critic batches must be drawn
         # before the buffer takes new experience (see StagedTraining.drawn).
         self.before_commit = None
@@ -50,9 +56,7 @@ class PooledEvaluator:
         if isinstance(p, InProcess):  # one call per worker: its envs step in lockstep
             parts = [a for a in np.array_split(np.arange(n), len(self.workers)) if len(a)]
         else:
-            # Smaller chunks when there are more workers than chunks: every
-            # worker gets work (96 workers, 101 genomes: chunks of 2, not 4).
-            size = max(1, min(self.chunk, -(-n // max(1, len(self.workers)))))
+            size = self.chunk_size(n)
             parts = [np.arange(i, min(i + size, n)) for i in range(0, n, size)]
         todo = list(range(len(parts)))
         running: dict = {}
@@ -94,5 +98,24 @@ class PooledEvaluator:
             for key in per_genome:
                 out[key][idx] = res[key]
             out["env_steps"] += int(res["env_steps"])
+        if n:
+            self.mean_length = out["env_steps"] / n
         return out
+
+    def chunk_size(self, n: int) -> int:
+        """Genomes per call for a batch of ``n`` on Ray.
+
+        ``chunk`` genomes, more when the last batch's episodes were short (so
+        a call holds about :attr:`min_call_steps` steps), and never so many
+        that a worker would get fewer than two calls: the calls still balance
+        long and short episodes. Smaller chunks when there are more workers
+        than chunks: every worker gets work (96 workers, 101 genomes: chunks
+        of 2, not 4). Which worker runs which genome changes no result (keyed
+        transitions, one seed per genome)."""
+        workers = max(1, len(self.workers))
+        size = self.chunk
+        if self.mean_length:
+            size = max(size, int(self.min_call_steps // max(self.mean_length, 1.0)))
+            size = min(size, max(self.chunk, -(-n // (2 * workers))))
+        return max(1, min(size, -(-n // workers)))
 
