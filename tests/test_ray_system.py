@@ -126,6 +126,61 @@ def test_keyed_episodes_reach_the_buffer_in_key_order_whatever_the_batching(ray_
         ray.kill(replay)
 
 
+def test_short_episodes_go_in_bigger_calls_and_change_no_result(ray_session):
+    """After a batch of short episodes the evaluator sends more genomes a call
+    (fewer calls), and the episodes, their results and the committed replay
+    data are those of 4-genome calls: keyed transitions, one seed per genome."""
+    import ray
+
+    from dqd_ray.envs import env_metadata
+    from dqd_ray.roles.policy import PolicySpec
+    from dqd_ray.roles.replay import ReplayBuffer
+    from dqd_ray.roles.replay_actor import ReplaySink
+    from dqd_ray.roles.rollout import RolloutWorker
+    from dqd_ray.runtime.evaluator import PooledEvaluator
+    from dqd_ray.runtime.placement import OnRay
+
+    env = "QDHopperBulletEnv-v0"
+    meta = env_metadata(env)
+    spec = PolicySpec(meta.obs_dim, meta.act_dim, (16, 16))
+    rng = np.random.default_rng(0)
+    genomes = np.stack([spec.init_genome(rng) for _ in range(48)])  # random: hoppers fall
+    seeds = np.arange(48) + 7
+
+    def evaluator(adaptive: bool):
+        p = OnRay(call_timeout_s=120)
+        replay = ray.remote(num_cpus=0)(ReplayBuffer).remote(
+            meta.obs_dim, meta.act_dim, 1 + meta.measure_dim, 50_000, seed=0)
+        workers = [ray.remote(num_cpus=0)(RolloutWorker).remote(
+            env, spec, num_envs=2, episode_length=200, sink=ReplaySink(replay))
+            for _ in range(2)]
+        ev = PooledEvaluator(p, workers, replay, chunk=4, keyed=True)
+        if not adaptive:
+            ev.min_call_steps = 0
+        return ev, replay, workers
+
+    runs = {}
+    for adaptive in (False, True):
+        ev, replay, workers = evaluator(adaptive)
+        assert ev.chunk_size(48) == 4  # nothing measured yet
+        first = ev.evaluate(genomes, seeds)
+        assert ev.mean_length == first["env_steps"] / 48 < 100
+        size = ev.chunk_size(48)
+        assert size == (12 if adaptive else 4)  # 48 genomes, 2 workers: 2 calls each
+        second = ev.evaluate(genomes, seeds + 1000)
+        data = ray.get(replay.state_dict.remote())["data"]
+        runs[adaptive] = (first, second, data, size)
+        for h in (replay, *workers):
+            ray.kill(h)
+    (f0, s0, d0, _), (f1, s1, d1, _) = runs[False], runs[True]
+    for a, b in ((f0, f1), (s0, s1)):
+        for key in ("fitness", "measures", "length", "valid"):
+            np.testing.assert_array_equal(a[key], b[key])
+    for key in d0:
+        np.testing.assert_array_equal(d0[key], d1[key])
+    assert len(d0["obs"]) == f0["env_steps"] + s0["env_steps"]
+
+
 def test_config_error_before_ray_starts(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "dqd_ray.cli", "run", "--out", str(tmp_path / "x"),
