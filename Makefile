@@ -14,10 +14,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	# --no-compile: Python compiles a module when it is first imported (and
-	# keeps it); compiling every file of torch, ray and scipy up front took
-	# about 100 of the install's 160 seconds on 2 cores.
-	$(BIN)/python -m pip install --quiet --no-compile -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 # A short local CMA-MEGA (TD3) run on QD Ant: a few minutes on 2 cores.
