@@ -145,8 +145,6 @@ class _Streaming:
 
     def __init__(self, env_id: str, spec: PolicySpec, episode_length: int,
                  genomes: np.ndarray, seeds: np.ndarray):
-        import ray
-
         from dqd_ray.roles.replay_actor import ReplayActor, ReplaySink
         from dqd_ray.runtime.evaluator import PooledEvaluator
         from dqd_ray.runtime.placement import OnRay, init_ray
@@ -159,9 +157,8 @@ class _Streaming:
         self.worker = p.make(RolloutWorker, {"num_cpus": 0, "role": "rollout worker 0"},
                              env_id, spec, num_envs=4, episode_length=episode_length,
                              sink=ReplaySink(self.replay))
-        ray.get([self.worker.stats.remote(), self.replay.size.remote()], timeout=600)
         self.evaluator = PooledEvaluator(p, [self.worker], self.replay, chunk=4, keyed=True)
-        self.evaluate(genomes, seeds)
+        self.evaluate(genomes, seeds)  # waits for both actors to start
 
     def evaluate(self, genomes: np.ndarray, seeds: np.ndarray) -> tuple[float, np.ndarray]:
         t0 = time.perf_counter()
