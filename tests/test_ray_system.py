@@ -291,6 +291,16 @@ def test_several_learners_compute_what_one_learner_computes(ray_session):
         system = System(cfg, "ray" if n == 3 else "inprocess", torch_threads=1)
         try:
             metrics = [system.iteration() for _ in range(2)]
+            if n == 3:
+                # The coordinator holds learner handles and, since iteration 1,
+                # their sealed snapshots, yet its process never loads torch
+                # (dqd_ray._pyribs; Learner.sealed_snapshot).
+                import ray
+
+                snap, torch_loaded = ray.get(system.coordinator.__ray_call__.remote(
+                    lambda c: (c.learner.snapshot_iteration, "torch" in sys.modules)),
+                    timeout=60)
+                assert snap == 1 and torch_loaded is False
             group = LearnerGroup(system.p, system.learners, system.splits)
             genomes = np.stack([spec.init_genome(np.random.default_rng(i)) for i in range(3)])
             results[n] = {"split": system.splits, "metrics": metrics,

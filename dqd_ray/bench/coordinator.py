@@ -51,7 +51,7 @@ class _Gradients:
         self.rows, self.dim, self.rng = rows, dim, rng
 
     def stage_training(self, n: int):
-        from dqd_ray.roles.learner import StagedTraining
+        from dqd_ray.roles import StagedTraining
 
         return StagedTraining(lambda: {"updates": n, "train_s": 0.0})
 

@@ -16,12 +16,14 @@ Every role is a plain class, placed in process or as a Ray actor by
 the evolution-strategies gradient estimate.
 
 Interfaces (duck-typed, the Protocols below): evaluator, gradient source (the
-learners), replay sampler and sink, saveable.
+learners), replay sampler and sink, saveable. :class:`StagedTraining` is
+what a gradient source hands back for an iteration's critic updates; it lives
+here, free of torch, because the coordinator holds it and never imports torch.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
@@ -38,7 +40,7 @@ class GradientSource(Protocol):
     def greedy_genome(self) -> np.ndarray: ...
     def pg_variation(self, genomes: np.ndarray, steps: int, lr: float,
                      num_states: int) -> np.ndarray: ...
-    def stage_training(self, num_updates: int) -> Any: ...  # a learner.StagedTraining
+    def stage_training(self, num_updates: int) -> StagedTraining: ...
     def stats(self) -> dict: ...
 
 
@@ -55,3 +57,32 @@ class ReplaySink(Protocol):
 class Saveable(Protocol):
     def state_dict(self) -> Any: ...
     def load_state_dict(self, state: Any) -> None: ...
+
+
+class StagedTraining:
+    """Critic updates whose batches are drawn: ``start()``, then ``wait()``.
+
+    In process the updates run inside ``wait()``; the Ray learner group
+    starts them on the learner actors in ``start()``. The numbers are the
+    same either way, since the batches were fixed when staging. On Ray the
+    batches may still be being drawn when this returns: ``drawn()`` waits
+    until they are, and must come before the replay buffer takes any new
+    experience (the evaluator calls it before its next commit).
+    """
+
+    def __init__(self, run: Callable[[], dict], start: Callable[[], None] | None = None,
+                 drawn: Callable[[], None] | None = None):
+        self._run, self._start, self._drawn = run, start, drawn
+
+    def start(self) -> None:
+        if self._start is not None:
+            self._start()
+
+    def drawn(self) -> None:
+        if self._drawn is not None:
+            drawn, self._drawn = self._drawn, None
+            drawn()
+
+    def wait(self) -> dict:
+        self.drawn()
+        return self._run()

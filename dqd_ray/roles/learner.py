@@ -17,20 +17,29 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import pickle
 import threading
 import time
 import uuid
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-import torch
 
+from dqd_ray.roles import StagedTraining
 from dqd_ray.roles.policy import PolicySpec
-from dqd_ray.roles.td3 import TD3Ensemble
+
+if TYPE_CHECKING:
+    from dqd_ray.roles.td3 import TD3Ensemble
+
+# torch is imported where a learner is made, not with this module: a process
+# that only holds learner handles (the coordinator's) loads this module to
+# deserialize them, and would otherwise pay for torch's import.
 
 
 def pick_device(requested_gpus: float = 0.0) -> str:
     """``cuda`` when a GPU was requested (or assigned) and is visible, else ``cpu``."""
+    import torch
+
     return "cuda" if requested_gpus > 0 and torch.cuda.is_available() else "cpu"
 
 
@@ -49,35 +58,6 @@ def loss_metrics(stats: dict) -> dict:
             out[key] = float(np.nanmean(vals)) if np.isfinite(vals).any() else None
             out[f"{key}_per_objective"] = vals.tolist()
     return out
-
-
-class StagedTraining:
-    """Critic updates whose batches are drawn: ``start()``, then ``wait()``.
-
-    In process the updates run inside ``wait()``; the Ray learner group
-    starts them on the learner actors in ``start()``. The numbers are the
-    same either way, since the batches were fixed when staging. On Ray the
-    batches may still be being drawn when this returns: ``drawn()`` waits
-    until they are, and must come before the replay buffer takes any new
-    experience (the evaluator calls it before its next commit).
-    """
-
-    def __init__(self, run: Callable[[], dict], start: Callable[[], None] | None = None,
-                 drawn: Callable[[], None] | None = None):
-        self._run, self._start, self._drawn = run, start, drawn
-
-    def start(self) -> None:
-        if self._start is not None:
-            self._start()
-
-    def drawn(self) -> None:
-        if self._drawn is not None:
-            drawn, self._drawn = self._drawn, None
-            drawn()
-
-    def wait(self) -> dict:
-        self.drawn()
-        return self._run()
 
 
 class Learner:
@@ -104,6 +84,10 @@ class Learner:
     def __init__(self, policy_spec: PolicySpec, num_objectives: int, td3_cfg, sampler=None, *,
                  device: str = "cpu", seed: int = 0, objectives: list[int] | None = None,
                  torch_threads: int | None = None):
+        import torch
+
+        from dqd_ray.roles.td3 import TD3Ensemble
+
         if torch_threads:
             torch.set_num_threads(int(torch_threads))
         if device == "auto":
@@ -381,6 +365,18 @@ class Learner:
         state["sample_rng"] = self.rng.bit_generator.state
         return state, loss
 
+    def sealed_snapshot(self, probe: dict | None = None) -> tuple[bytes, int, float | None]:
+        """:meth:`snapshot` pickled to bytes, with its update count: the learner
+        group keeps it in the coordinator's process, which then holds no tensor
+        and never imports torch (see :meth:`load_sealed_snapshot`)."""
+        state, loss = self.snapshot(probe)
+        return pickle.dumps(state, protocol=5), int(state.get("updates", 0)), loss
+
+    def load_sealed_snapshot(self, sealed: bytes) -> None:
+        """Loads what :meth:`sealed_snapshot` made (in this run, by a learner of
+        the same objectives; never a file)."""
+        self.load_state_dict(pickle.loads(sealed))
+
     # -- state -----------------------------------------------------------------
 
     def state_dict(self) -> dict:
@@ -413,6 +409,8 @@ class Learner:
 
 def _copied(x):
     """``x`` with every tensor copied (state_dict's CPU tensors are the live ones)."""
+    import torch
+
     if isinstance(x, torch.Tensor):
         return x.detach().clone()
     if isinstance(x, dict):
@@ -423,6 +421,8 @@ def _copied(x):
 
 
 def _to_cpu(x):
+    import torch
+
     if isinstance(x, torch.Tensor):
         return x.cpu()
     if isinstance(x, dict):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dqd_ray.roles.learner import StagedTraining
+from dqd_ray.roles import StagedTraining
 from dqd_ray.runtime.resources import _warn
 
 
@@ -77,9 +77,10 @@ class LearnerGroup:
             lr = self.learners[i]
             if self._snapshot is not None:
                 fresh = self._probe_loss(lr)
-                p.get(p.call(lr, "load_state_dict", self._snapshot[i], group="grad"))
+                sealed, updates = self._snapshot[i]
+                p.get(p.call(lr, "load_sealed_snapshot", sealed, group="grad"))
                 what = (f"restored the critics of iteration {self.snapshot_iteration} "
-                        f"({int(self._snapshot[i].get('updates', 0))} updates)")
+                        f"({updates} updates)")
                 if fresh is not None and self._snapshot_probe is not None:
                     what += (f"; probe critic loss {self._snapshot_probe[i]:.6g} at the "
                              f"snapshot, {self._probe_loss(lr):.6g} restored, "
@@ -109,9 +110,11 @@ class LearnerGroup:
             p = self.placement
             self._probe = p.get(p.call(self.learners[0], "probe_batch", 256, 20220516,
                                        group="grad"))
-        states = self._all("snapshot", self._probe)
-        self._snapshot = [st for st, _ in states]
-        self._snapshot_probe = [loss for _, loss in states] if self._probe is not None else None
+        # Sealed (pickled by the learner): this process keeps bytes, not tensors.
+        states = self._all("sealed_snapshot", self._probe)
+        self._snapshot = [(sealed, updates) for sealed, updates, _ in states]
+        self._snapshot_probe = ([loss for _, _, loss in states] if self._probe is not None
+                                else None)
         self.snapshot_iteration = iteration
 
     def _probe_loss(self, learner) -> float | None:
