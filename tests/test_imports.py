@@ -26,3 +26,12 @@ def test_the_coordinator_module_imports_pyribs_without_torch_and_torch_still_imp
 def test_a_process_that_loaded_torch_first_gets_pyribs_unchanged():
     out = _run("import torch, dqd_ray, ribs.typing\nprint(ribs.typing.IS_TORCH_AVAILABLE)")
     assert out == "True"
+
+
+def test_a_driver_imports_no_pyribs_until_it_needs_an_archive():
+    """A run's driver (and a Tune trial) builds the graph and writes
+    checkpoints without pyribs; QD Ant's 4-D heatmap needs none either."""
+    out = _run("import sys, dqd_ray.cli, dqd_ray.loop, dqd_ray.runtime.builder, "
+               "dqd_ray.sweeps.trial, dqd_ray.analysis.viz\n"
+               "print('ribs' in sys.modules)")
+    assert out == "False"

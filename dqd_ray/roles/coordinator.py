@@ -42,7 +42,6 @@ import numpy as np
 
 from dqd_ray import algorithms
 from dqd_ray.algorithms import BuildContext
-from dqd_ray.algorithms.scheduler import MaskedScheduler
 from dqd_ray.metrics import COUNTERS, PhaseTimer
 from dqd_ray.roles.es_gradients import ESGradient
 from dqd_ray.state import statecodec
@@ -548,6 +547,8 @@ class Coordinator:
         fresh = {"scheduler": self.scheduler, "rng": self.rng,
                  "es_rng": None if self.es is None else self.es.rng,
                  "counters": self.counters, "robustness": self.robustness}
+        from dqd_ray.algorithms.scheduler import MaskedScheduler
+
         out = statecodec.restore(fresh, state["tree"], state["arrays"])
         if not isinstance(out.get("scheduler"), MaskedScheduler):
             raise statecodec.StateError("checkpoint holds no scheduler")
