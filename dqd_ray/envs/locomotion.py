@@ -17,6 +17,7 @@ import numpy as np
 import pybullet
 import pybullet_data
 
+from dqd_ray.envs import compiled
 from dqd_ray.envs.robots import ROBOTS, RobotSpec
 
 TIMESTEP = 0.0165 / 4
@@ -161,7 +162,13 @@ class QDLocomotionEnv(gym.Env):
         self.reward_threshold = spec.reward_threshold
         self._robot: LoadedRobot | None = None
         self._needs_reset = True
+        # Arrays updated in place (the compiled step holds them): this step's
+        # feet contacts, the previous step's, and 0.1 x the joint speeds.
         self._feet_contact = np.zeros(len(spec.foot_list), np.float32)
+        self._feet_prev = np.zeros(len(spec.foot_list), np.float32)
+        self._joint_speeds = np.zeros(spec.act_dim, np.float32)
+        self._stepper = None  # the compiled step, when load() could attach it
+        self.compiled = False  # whether this env steps in C (dqd_ray.envs.compiled)
         self._measure_counts = np.zeros(spec.measure_dim)
         self._measure_idx = np.array(spec.measure_feet)
         self.obs_finite = True  # whether the last observation was finite
@@ -171,6 +178,19 @@ class QDLocomotionEnv(gym.Env):
     # -- physics helpers -------------------------------------------------
 
     def _calc_state(self) -> np.ndarray:
+        if self._stepper is not None:
+            obs = np.empty(self.spec_robot.obs_dim, np.float32)
+            init = math.nan if self._initial_z is None else self._initial_z
+            out = self._stepper.state(obs, init)
+            self._take_state(out)
+            return obs
+        return self._calc_state_py()
+
+    def _take_state(self, out) -> None:
+        _, self._pitch, x, y, self._initial_z, self._joints_at_limit, self.obs_finite = out
+        self._body_xy = (x, y)
+
+    def _calc_state_py(self) -> np.ndarray:
         # Scalars are Python floats (IEEE doubles, the same arithmetic numpy
         # does elementwise) gathered into one float32 array: per step, a few
         # numpy calls instead of a dozen on tiny arrays.
@@ -218,10 +238,33 @@ class QDLocomotionEnv(gym.Env):
         vals.extend(self._feet_contact.tolist())
         obs = np.array(vals, np.float32)
         rel = obs[8:8 + 2 * len(joints)]  # float32, before the observation's clip
-        self._joint_speeds = rel[1::2].copy()
+        self._joint_speeds[:] = rel[1::2]
         self._joints_at_limit = int(np.count_nonzero(np.abs(rel[0::2]) > 0.99))
         np.maximum(obs, -5.0, out=obs)
-        return np.minimum(obs, 5.0, out=obs)
+        np.minimum(obs, 5.0, out=obs)
+        self.obs_finite = bool(np.isfinite(obs).all())
+        return obs
+
+    def _physics_step(self, a: np.ndarray) -> np.ndarray:
+        """Torques, one step, the observation (with the previous step's feet
+        contacts), then the new contacts; the previous ones stay in
+        ``_feet_prev``. In C when the env is compiled, the same numbers."""
+        if self._stepper is not None:
+            obs = np.empty(self.spec_robot.obs_dim, np.float32)
+            init = math.nan if self._initial_z is None else self._initial_z
+            self._take_state(self._stepper.advance(a, obs, init))
+            return obs
+        r = self._robot
+        cid = r.client
+        pybullet.setJointMotorControlArray(
+            r.body, self._joint_list, pybullet.TORQUE_CONTROL,
+            forces=(r.torque_scale * a).tolist(), physicsClientId=cid,
+        )
+        pybullet.stepSimulation(physicsClientId=cid)
+        obs = self._calc_state_py()
+        self._feet_prev[:] = self._feet_contact
+        self._update_contacts()
+        return obs
 
     def _potential(self) -> float:
         x, y = self._body_xy
@@ -247,6 +290,39 @@ class QDLocomotionEnv(gym.Env):
             self._joint_mid = r.joint_mid.tolist()
             self._joint_half = r.joint_half_range.tolist()
             self._all_feet_measured = list(self._measure_idx) == list(range(len(r.feet_links)))
+            self._attach_compiled()
+
+    def _attach_compiled(self) -> None:
+        """Steps in C from now on if the compiled step attaches and, from the
+        saved initial state, its first two steps give the Python path's
+        numbers bit for bit; otherwise stays on the Python path."""
+        stepper = compiled.make_stepper(self)
+        if stepper is None:
+            return
+        r = self._robot
+        a = np.linspace(-1.0, 1.0, self.spec_robot.act_dim)
+        runs = []
+        for use in (None, stepper):
+            self._stepper = use
+            pybullet.restoreState(r.state_id, physicsClientId=r.client)
+            self._feet_contact[:] = 0.0
+            self._initial_z = None
+            trace = [self._calc_state()]
+            for sign in (1.0, -1.0):
+                trace.append(self._physics_step(sign * a))
+                trace += [self._feet_contact.copy(), self._feet_prev.copy(),
+                          self._joint_speeds.copy(), np.array(
+                              [self._pitch, *self._body_xy, self._initial_z,
+                               self._joints_at_limit, self.obs_finite])]
+            runs.append(trace)
+        self._stepper = None
+        pybullet.restoreState(r.state_id, physicsClientId=r.client)
+        self._feet_contact[:] = 0.0
+        if not all(x.tobytes() == y.tobytes() for x, y in zip(*runs)):
+            compiled.fall_back(f"the compiled step of {self.spec_robot.env_id} differs from "
+                               "pybullet's Python API on its first steps")
+            return
+        self._stepper, self.compiled = stepper, True
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         super().reset(seed=seed)
@@ -258,6 +334,7 @@ class QDLocomotionEnv(gym.Env):
             pybullet.resetJointState(r.body, int(j), targetValue=q, targetVelocity=0.0, **kw)
             pybullet.setJointMotorControl2(r.body, int(j), pybullet.VELOCITY_CONTROL, force=0, **kw)
         self._feet_contact[:] = 0.0
+        self._feet_prev[:] = 0.0
         self._measure_counts[:] = 0.0
         self._initial_z = None
         self._t = 0
@@ -304,25 +381,16 @@ class QDLocomotionEnv(gym.Env):
             measures are :meth:`measures`, the terms of the reward are
             ``_alive``, ``_progress``, ``_electricity`` and ``_limits``.
         """
-        r = self._robot
-        cid = r.client
-        pybullet.setJointMotorControlArray(
-            r.body, self._joint_list, pybullet.TORQUE_CONTROL,
-            forces=(r.torque_scale * a).tolist(), physicsClientId=cid,
-        )
-        pybullet.stepSimulation(physicsClientId=cid)
-
-        obs = self._calc_state()
+        obs = self._physics_step(a)
         spec = self.spec_robot
-        alive = spec.alive(float(obs[0]) + self._initial_z, self._pitch, self._feet_contact)
+        # Alive from the contacts before this step's update, as observed.
+        alive = spec.alive(float(obs[0]) + self._initial_z, self._pitch, self._feet_prev)
         terminated = spec.terminates and alive < 0
-        self.obs_finite = bool(np.isfinite(obs).all())
         if not self.obs_finite:
             terminated = True
         potential = self._potential()
         progress = potential - self._last_potential
         self._last_potential = potential
-        self._update_contacts()
 
         n = len(a)
         electricity = ELECTRICITY_COST * float(np.abs(a * self._joint_speeds).sum()) / n
@@ -368,6 +436,7 @@ class QDLocomotionEnv(gym.Env):
         return np.asarray(rgba, np.uint8).reshape(height, width, 4)[:, :, :3].copy()
 
     def close(self):
+        self._stepper = None
         if self._robot is not None:
             try:
                 pybullet.disconnect(physicsClientId=self._robot.client)
