@@ -11,11 +11,15 @@ from typing import Any
 
 
 def machine_info() -> dict[str, Any]:
+    from dqd_ray.envs import compiled
+
     return {
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpus": os.cpu_count(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        # whether the envs step in C here (DQD_RAY_COMPILED_STEP=0 turns it off)
+        "env_step": compiled.status(),
     }
 
 

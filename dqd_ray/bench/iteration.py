@@ -159,8 +159,11 @@ def run(preset: str = "cma_mega_td3_es", env_id: str = "QDAntBulletEnv-v0",
             "evaluations": m["iteration_evaluations"], "env_steps": m["iteration_env_steps"],
             "critic_updates": done_updates,
         })
-    print(f"{preset} on {env_id}, {n_workers} rollout workers on {cpus:g} CPUs "
-          f"(seconds per phase):")
+    from dqd_ray.envs import compiled
+
+    step = "in C" if compiled.status()["compiled"] else "in Python"
+    print(f"{preset} on {env_id}, {n_workers} rollout workers on {cpus:g} CPUs, envs stepping "
+          f"{step} (seconds per phase):")
     print_table(table, ["iteration", "total_s", "theta_es_s", "jacobian_s", "batch_s",
                         "train_wait_s", "critic_train_s", "overlap", "hidden_half_1",
                         "hidden_half_2", "robustness_s", "stage_s", "coordinator_s",

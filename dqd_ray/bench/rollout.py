@@ -277,8 +277,12 @@ def run(env_ids: tuple[str, ...] = ENV_IDS, genomes: int = 8, repeats: int = 3, 
             rows.append(row)
             print(f"  {env_id} ({kind} policies): ratio {row['ratio']:.3f} "
                   f"({row['steps']} steps)", flush=True)
+    from dqd_ray.envs import compiled
+
+    st = compiled.status()
     print(f"Rollout path vs bare pybullet loop (median of {repeats}; ratio = bare time / "
-          f"worker time; per-step times in microseconds, resets in ms):")
+          f"worker time; per-step times in microseconds, resets in ms); env step: "
+          + ("compiled (C)" if st["compiled"] else f"Python ({st['reason']})"))
     print_table(rows, ["env", "policies", "steps", "worker_steps_per_s", "bare_steps_per_s",
                        "ratio", "ratio_4envs", "ratio_streaming"])
     print_table(rows, ["env", "policies", "physics_us", "bare_reads_us", "env_python_us",
