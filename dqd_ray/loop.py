@@ -490,6 +490,8 @@ class Experiment:
             "replay_size": now["replay_size"],
             # Ray restarted these actors (their node died) during this process's run.
             "worker_restarts": now["worker_restarts"], "replay_restarts": now["replay_restarts"],
+            # rollout workers whose envs step in C (dqd_ray.envs.compiled)
+            "rollout_workers_compiled": now["rollout_workers_compiled"],
             **({"td3_lr": now["td3_lr"]} if "td3_lr" in now else {}),
         }
 

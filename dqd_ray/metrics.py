@@ -35,12 +35,14 @@ ITERATION = ("mean_evaluation", "iteration_evaluations", "iteration_env_steps", 
 LOOP = ("wall_s", "env_steps_per_s", "evaluations_per_s", "critic_updates_per_s",
         "critic_updates_total", "time_rollout_s", "time_gradient_s", "time_train_s",
         "time_coordinator_s", "worker_idle_frac", "replay_size", "worker_restarts",
-        "replay_restarts", "checkpoint_capture_s", "checkpoint_write_s")
+        "replay_restarts", "checkpoint_capture_s", "checkpoint_write_s",
+        "rollout_workers_compiled")
 """What the loop adds: throughput, the time split, the system's state and what
 checkpoints cost: ``checkpoint_capture_s`` (capturing this iteration's state:
 each role keeps a copy of its own, gathered in the background; 0 where none was
 taken) and ``checkpoint_write_s`` (the newest background write that ended, the
-gathering included)."""
+gathering included); ``rollout_workers_compiled``: the rollout workers whose
+envs step in C (docs/environments.md)."""
 
 CORE = frozenset(COUNTERS + ARCHIVE + PHASES + ITERATION + LOOP)
 """Every iteration of every run reports these."""

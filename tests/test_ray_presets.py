@@ -47,6 +47,7 @@ def test_each_preset_runs_resumes_and_matches_in_process(ray_session, tmp_path, 
 
     for m in metrics:
         assert reported_metrics(cfg) <= set(m), reported_metrics(cfg) - set(m)
+        assert m["rollout_workers_compiled"] == 1  # its Ray actor steps the envs in C
     for a, b in zip(metrics, local_metrics):
         for key in ("qd_score", "env_steps", "evaluations", "greedy_fitness", "robustness",
                     "worst_fitness", "mean_evaluation", "num_elites", "critic_updates"):

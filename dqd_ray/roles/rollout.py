@@ -161,7 +161,8 @@ class RolloutWorker:
 
     def stats(self) -> dict:
         return {"env_steps": self.total_env_steps, "busy_s": self.busy_s,
-                "cpu_s": self.cpu_s, "incarnation": self.incarnation}
+                "cpu_s": self.cpu_s, "incarnation": self.incarnation,
+                "compiled": all(getattr(e, "compiled", False) for e in self.envs)}
 
     def evaluate(self, genomes: np.ndarray, seeds: np.ndarray | list[int],
                  record: bool = True, keys=None, action_noise: float = 0.0,

@@ -244,6 +244,7 @@ class System:
         out = {"worker_busy_s": float(sum(w["busy_s"] for w in workers)),
                "worker_cpu_s": float(sum(w.get("cpu_s", 0.0) for w in workers)),
                "num_rollout_workers": len(self.workers),
+               "rollout_workers_compiled": sum(bool(w.get("compiled")) for w in workers),
                "replay_size": int(replay["size"]),
                "critic_updates": learners.get("updates", 0)}
         out["replay_restarts"] = self.replay_restarts
