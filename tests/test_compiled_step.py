@@ -48,6 +48,10 @@ def test_the_install_built_the_compiled_step_and_it_attaches():
     env.load()
     assert env.compiled and env._stepper is not None
     env.close()
+    assert not env.compiled and env._stepper is None
+    env.load()  # a closed env loads its robot again, and steps in C again
+    assert env.compiled
+    env.close()
 
 
 @pytest.mark.parametrize("env_id", ENV_IDS)

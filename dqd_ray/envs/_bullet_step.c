@@ -16,9 +16,8 @@
  * dqd_ray/envs/compiled.py), and the Python path stays the fallback.
  */
 #define PY_SSIZE_T_CLEAN
-#include <Python.h>
+#include <Python.h> /* first; it defines _GNU_SOURCE, which dlinfo needs */
 
-#define _GNU_SOURCE
 #include <dlfcn.h>
 #include <link.h>
 #include <math.h>
@@ -221,11 +220,17 @@ static int float32_buffer(PyObject *obj, Py_buffer *view, Py_ssize_t n, const ch
     return 0;
 }
 
+static void release_buffers(Stepper *s);
+
 static void Stepper_dealloc(Stepper *s) {
+    release_buffers(s);
+    Py_TYPE(s)->tp_free((PyObject *)s);
+}
+
+static void release_buffers(Stepper *s) {
     if (s->speeds.obj) PyBuffer_Release(&s->speeds);
     if (s->feet.obj) PyBuffer_Release(&s->feet);
     if (s->feet_prev.obj) PyBuffer_Release(&s->feet_prev);
-    Py_TYPE(s)->tp_free((PyObject *)s);
 }
 
 static int Stepper_init(Stepper *s, PyObject *args, PyObject *kw) {
@@ -244,6 +249,7 @@ static int Stepper_init(Stepper *s, PyObject *args, PyObject *kw) {
         PyErr_SetString(PyExc_RuntimeError, "attach() pybullet's extension first");
         return -1;
     }
+    release_buffers(s); /* __init__ called again */
     if ((s->n_joints = read_ints(joint_ids, s->joint_ids, MAX_JOINTS, "joint_ids")) < 0) return -1;
     if (read_ints(joint_u, s->joint_u, MAX_JOINTS, "joint_u") != s->n_joints) {
         if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "joint_u: one per joint");

@@ -436,7 +436,7 @@ class QDLocomotionEnv(gym.Env):
         return np.asarray(rgba, np.uint8).reshape(height, width, 4)[:, :, :3].copy()
 
     def close(self):
-        self._stepper = None
+        self._stepper, self.compiled = None, False
         if self._robot is not None:
             try:
                 pybullet.disconnect(physicsClientId=self._robot.client)
