@@ -134,3 +134,30 @@ def test_the_compiled_step_can_be_turned_off():
                          timeout=120, env={**os.environ, "DQD_RAY_COMPILED_STEP": "0"})
     assert out.returncode == 0, out.stderr
     assert "False turned off by DQD_RAY_COMPILED_STEP=0" in out.stdout
+
+
+def test_the_install_goes_on_without_a_c_compiler(tmp_path):
+    """The extension is optional: where no compiler can run, the package (as
+    `make install` builds it, with build isolation) still builds, without the
+    extension, and the envs fall back to Python."""
+    import shutil
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"
+    shutil.copytree(root / "dqd_ray", src / "dqd_ray",
+                    ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, src / name)
+    env = {**os.environ, "CC": str(tmp_path / "no-such-compiler")}
+    out = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w",
+         str(tmp_path / "wheels"), str(src)],
+        capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    (wheel,) = (tmp_path / "wheels").glob("dqd_ray-*.whl")
+    import zipfile
+
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "dqd_ray/envs/compiled.py" in names
+    assert not [n for n in names if n.endswith(".so")], names

@@ -82,6 +82,9 @@ def _attach():
         except (OSError, RuntimeError) as e:
             reason = f"pybullet's extension cannot be attached: {e}"
     _state["module"], _state["reason"] = module, reason
+    if module is None and not reason.startswith("turned off"):
+        warnings.warn(f"dqd-ray: environments step through pybullet's Python API: {reason}",
+                      RuntimeWarning, stacklevel=3)
     return module
 
 
