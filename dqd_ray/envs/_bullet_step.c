@@ -12,8 +12,9 @@
  * Python already loaded (dlopen of its path, dlsym of the exported b3 calls).
  * pybullet keeps its clients in a file-local table; the Python side finds
  * that table's offset in the extension's ELF symbol table and hands it to
- * attach(). Every Stepper is checked against the Python path before use (see
- * dqd_ray/envs/compiled.py), and the Python path stays the fallback.
+ * attach(). Every Stepper is checked against the Python path before use
+ * (QDLocomotionEnv._attach_compiled in dqd_ray/envs/locomotion.py), and the
+ * Python path stays the fallback.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h> /* first; it defines _GNU_SOURCE, which dlinfo needs */
